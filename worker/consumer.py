@@ -1,0 +1,352 @@
+"""The broker side of the worker: consume, hand commands to threads, publish, ack.
+
+One thread owns the AMQP connection (py-amqp is not thread-safe): it reads
+deliveries, sends heartbeats, publishes outcomes and acks. PABX calls run on a
+:class:`~worker.dispatch.KeyedExecutor`, so a slow PABX never starves the
+heartbeat. Finished jobs come back through a queue and are carried out here:
+
+    deliver → prepare → [thread: execute] → publish (confirms) → ack
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kombu import Connection
+
+from worker.dispatch import KeyedExecutor
+from worker.errors import BrokerError, StoreError
+from worker.messages import Delivery
+from worker.outcomes import CONTENT_TYPE, routing_key_for
+from worker.pipeline import Action, Decision, Prepared, Processor
+from worker.publisher import ConfirmingPublisher, Publication
+from worker.settings import Settings
+from worker.topology import Topology
+
+__all__ = ["Worker", "WorkerState"]
+
+log = logging.getLogger("pabx_worker.consumer")
+
+#: Poll interval of the connection thread while commands are in flight.
+BUSY_POLL_S = 0.002
+#: Poll interval while idle (bounds how fast SIGTERM is noticed).
+IDLE_POLL_S = 0.2
+#: Longest pause between reconnection attempts.
+MAX_RECONNECT_WAIT_S = 10.0
+#: Largest ``x-pabx-error`` header on a parked copy.
+MAX_REASON_CHARS = 512
+
+
+@dataclass
+class WorkerState:
+    """What probes and tests can see of a running worker."""
+
+    connected: bool = False
+    consuming: bool = False
+    in_flight: int = 0
+    sessions: int = 0
+    handled: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    session: int
+    delivery_tag: int
+    prepared: Prepared
+    decision: Decision | None = None
+
+
+@dataclass
+class _Unacked:
+    """A delivery waiting for its publications to be confirmed."""
+
+    remaining: int
+    ok: bool = True
+
+
+class Worker:
+    """Consumes commands until :meth:`stop`; reconnects when the broker goes away."""
+
+    def __init__(self, settings: Settings, processor: Processor) -> None:
+        self._settings = settings
+        self._processor = processor
+        self._topology = Topology.from_settings(settings)
+        self._stop = threading.Event()
+        self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._executor = KeyedExecutor(settings.concurrency)
+        self.state = WorkerState()
+        self.ready = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the worker to finish in-flight commands and return from :meth:`run`."""
+        self._stop.set()
+
+    def run(self) -> None:
+        """Consume until stopped; a ConfigurationError (topology mismatch) ends it."""
+        wait = 0.5
+        try:
+            while not self._stop.is_set():
+                try:
+                    self._session()
+                    wait = 0.5
+                except BrokerError as exc:
+                    log.warning("broker connection lost; reconnecting", extra={"error": str(exc)})
+                    self._stop.wait(wait)
+                    wait = min(wait * 2, MAX_RECONNECT_WAIT_S)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    # -- one connection's lifetime ------------------------------------------------------
+
+    def _session(self) -> None:
+        self.state.sessions += 1
+        session = self.state.sessions
+        connection = Connection(
+            self._settings.amqp_url,
+            heartbeat=self._settings.heartbeat_s,
+            connect_timeout=5,
+            transport_options={"confirm_publish": False},
+        )
+        try:
+            _broker_call(connection.connect)
+            self.state.connected = True
+            _Session(self, connection, session).run()
+        finally:
+            self.state.connected = self.state.consuming = False
+            self.ready.clear()
+            try:
+                connection.release()
+            except Exception:  # the socket is already gone
+                log.debug("error while closing a dead connection", exc_info=True)
+
+    # -- called from worker threads -----------------------------------------------------
+
+    def _execute(self, job: _Job) -> None:
+        try:
+            job.decision = self._processor.execute(job.prepared)
+        except StoreError as exc:
+            log.warning("store unavailable; command delayed", extra={"error": str(exc)})
+            job.decision = Decision(Action.RETRY, delay_s=0.0, command_id=job.prepared.command_id)
+        except Exception:
+            log.exception("command handling failed", extra={"command_id": job.prepared.command_id})
+        finally:
+            self._done.put(job)
+
+
+class _Session:
+    """The loop over one open connection."""
+
+    def __init__(self, worker: Worker, connection: Connection, session: int) -> None:
+        self.worker = worker
+        self.settings = worker._settings
+        self.connection = connection
+        self.session = session
+        self.unacked: dict[int, _Unacked] = {}
+        self.consumer_tag: str | None = None
+
+    def run(self) -> None:
+        settings = self.settings
+        declare_channel = _broker_call(self.connection.channel)
+        _broker_call(self.worker._topology.declare, declare_channel)
+        self.channel = _broker_call(self.connection.channel)
+        _broker_call(self.channel.basic_qos, 0, settings.concurrency, False)
+        self.publisher = ConfirmingPublisher(_broker_call(self.connection.channel))
+        self.consumer_tag = _broker_call(
+            self.channel.basic_consume, settings.command_queue, callback=self._on_message
+        )
+        self.worker.state.consuming = True
+        self.worker.ready.set()
+        log.info("consuming", extra={"queue": settings.command_queue})
+        _broker_call(self._loop)
+
+    def _loop(self) -> None:
+        worker = self.worker
+        stop_by: float | None = None
+        last_beat = 0.0
+        while True:
+            self._carry_out_finished()
+            if worker._stop.is_set() and stop_by is None:
+                stop_by = time.monotonic() + self.settings.shutdown_timeout_s
+                self._cancel()
+            if stop_by is not None and (self._idle() or time.monotonic() > stop_by):
+                return
+            timeout = BUSY_POLL_S if worker.state.in_flight or self.unacked else IDLE_POLL_S
+            with contextlib.suppress(TimeoutError):
+                self.connection.drain_events(timeout=timeout)
+            now = time.monotonic()
+            if now - last_beat > 1.0:
+                self.connection.heartbeat_check()
+                last_beat = now
+
+    def _idle(self) -> bool:
+        return self.worker.state.in_flight == 0 and not self.unacked
+
+    def _cancel(self) -> None:
+        if self.consumer_tag is not None:
+            self.channel.basic_cancel(self.consumer_tag)
+            self.consumer_tag = None
+            self.worker.state.consuming = False
+            self.worker.ready.clear()
+
+    def _on_message(self, message: Any) -> None:
+        delivery = _to_delivery(message)
+        prepared = self.worker._processor.prepare(delivery)
+        job = _Job(self.session, message.delivery_tag, prepared)
+        self.worker.state.in_flight += 1
+        self.worker._executor.submit(prepared.call_key, lambda: self.worker._execute(job))
+
+    def _carry_out_finished(self) -> None:
+        done = self.worker._done
+        while not done.empty():
+            job = done.get_nowait()
+            if job.session != self.session:
+                continue  # from a lost connection: the broker redelivers that message
+            self.worker.state.in_flight -= 1
+            if job.decision is None:
+                self.channel.basic_reject(job.delivery_tag, requeue=True)
+                continue
+            self._carry_out(job, job.decision)
+
+    def _carry_out(self, job: _Job, decision: Decision) -> None:
+        publications = _publications(self.settings, self.worker._topology, job, decision)
+        pending = _Unacked(len(publications))
+        self.unacked[job.delivery_tag] = pending
+        tag = job.delivery_tag
+        for publication in publications:
+            self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
+        key = decision.status.value if decision.status else decision.action.value
+        self.worker.state.handled[key] = self.worker.state.handled.get(key, 0) + 1
+
+    def _confirmed(self, delivery_tag: int, ok: bool) -> None:
+        pending = self.unacked[delivery_tag]
+        pending.remaining -= 1
+        pending.ok = pending.ok and ok
+        if pending.remaining:
+            return
+        del self.unacked[delivery_tag]
+        if pending.ok:
+            self.channel.basic_ack(delivery_tag)
+        else:
+            self.channel.basic_reject(delivery_tag, requeue=True)
+
+
+def _broker_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a broker operation, mapping connection failures to BrokerError."""
+    from amqp.exceptions import ConnectionError as AmqpConnectionError
+    from amqp.exceptions import RecoverableChannelError, RecoverableConnectionError
+
+    try:
+        return fn(*args, **kwargs)
+    except (
+        OSError,
+        AmqpConnectionError,
+        RecoverableConnectionError,
+        RecoverableChannelError,
+    ) as exc:
+        raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _to_delivery(message: Any) -> Delivery:
+    props = message.properties
+    headers = props.get("application_headers") or {}
+    stamp = props.get("timestamp")
+    timestamp = None
+    if isinstance(stamp, int | float):
+        timestamp = datetime.fromtimestamp(stamp, UTC)
+    elif isinstance(stamp, datetime):
+        timestamp = stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp
+    body = message.body if isinstance(message.body, bytes) else bytes(message.body)
+    return Delivery(
+        body=body,
+        content_type=props.get("content_type"),
+        content_encoding=props.get("content_encoding"),
+        message_id=props.get("message_id"),
+        correlation_id=props.get("correlation_id"),
+        reply_to=props.get("reply_to"),
+        timestamp=timestamp,
+        headers=headers,
+        redelivered=bool(message.delivery_info.get("redelivered")),
+        delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+    )
+
+
+def _publications(
+    settings: Settings, topology: Topology, job: _Job, decision: Decision
+) -> list[Publication]:
+    delivery = job.prepared.delivery
+    if decision.action is Action.RETRY:
+        return [_retry_copy(topology, delivery, decision)]
+    assert decision.event is not None and decision.status is not None
+    props = {
+        "content_type": CONTENT_TYPE,
+        "message_id": job.prepared.event_id,
+        "correlation_id": delivery.correlation_id or job.prepared.command_id,
+        "timestamp": int(time.time()),
+    }
+    props = {k: v for k, v in props.items() if v is not None}
+    result = [
+        Publication(
+            decision.event,
+            settings.results_exchange,
+            routing_key_for(decision.status),
+            props,
+            mandatory=True,
+        )
+    ]
+    if delivery.reply_to:
+        result.append(Publication(decision.event, "", delivery.reply_to, props))
+    if decision.park and not decision.duplicate:
+        result.append(_parked_copy(settings, delivery, decision))
+    return result
+
+
+def _original_properties(delivery: Delivery, headers: dict[str, Any]) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "content_type": delivery.content_type,
+        "content_encoding": delivery.content_encoding,
+        "message_id": delivery.message_id,
+        "correlation_id": delivery.correlation_id,
+        "reply_to": delivery.reply_to,
+        "application_headers": headers,
+    }
+    if delivery.timestamp is not None:
+        props["timestamp"] = int(delivery.timestamp.timestamp())
+    return {k: v for k, v in props.items() if v is not None}
+
+
+def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> Publication:
+    steps = sorted(topology.retry_queues)
+    delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
+    headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
+    headers["x-pabx-retries"] = int(headers.get("x-pabx-retries", 0) or 0) + 1
+    headers["x-pabx-attempts"] = decision.attempts
+    return Publication(
+        delivery.body, "", topology.retry_queues[delay], _original_properties(delivery, headers)
+    )
+
+
+def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> Publication:
+    assert decision.error is not None
+    headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
+    headers.update(
+        {
+            "x-pabx-error-code": decision.error.code,
+            "x-pabx-error": decision.error.message[:MAX_REASON_CHARS],
+            "x-pabx-attempts": decision.attempts,
+            "x-pabx-status": decision.status.value if decision.status else "",
+            "x-pabx-parked-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+        }
+    )
+    return Publication(
+        delivery.body,
+        settings.dead_exchange,
+        f"{settings.routing_key}.{decision.error.code}",
+        _original_properties(delivery, headers),
+    )

@@ -1,0 +1,238 @@
+"""The wire contract: redirect commands in, CloudEvents outcome events out.
+
+These models are the single source of ``schemas/*.json``
+(``pabx-worker schemas export``); producers in other languages validate
+against those files, and a test keeps both in agreement.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    WithJsonSchema,
+)
+
+__all__ = [
+    "COMMAND_ID_PATTERN",
+    "MAX_COMMAND_BYTES",
+    "AmqpRef",
+    "ErrorInfo",
+    "OutcomeData",
+    "OutcomeEvent",
+    "PabxInfo",
+    "RedirectBody",
+    "RedirectCommand",
+    "RedirectSummary",
+    "Status",
+]
+
+#: Largest command body accepted, in bytes.
+MAX_COMMAND_BYTES = 64 * 1024
+#: What a command id may look like (SPEC §4).
+COMMAND_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+#: Names of configured PABX targets.
+TARGET_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+_PRIORITY_PATTERN = r"^(?:[0-9]|1[0-9])$"
+_DIGITS_PATTERN = r"^[0-9]{1,9}$"
+
+
+def _number_as_string(value: Any) -> Any:
+    """Accept a JSON integer where the vendor wants a digit string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _digits(pattern: str, minimum: int, maximum: int) -> Any:
+    """A vendor numeric field: a digit string, or an integer turned into one."""
+    return Annotated[
+        StrictStr,
+        BeforeValidator(_number_as_string),
+        Field(pattern=pattern),
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "integer", "minimum": minimum, "maximum": maximum},
+                    {"type": "string", "pattern": pattern},
+                ]
+            }
+        ),
+    ]
+
+
+Priority = _digits(_PRIORITY_PATTERN, 0, 19)
+Digits = _digits(_DIGITS_PATTERN, 0, 999_999_999)
+NonEmpty = Annotated[StrictStr, Field(min_length=1)]
+
+
+def _require_string(value: Any) -> Any:
+    """Reject numbers as timestamps: RFC 3339 strings only."""
+    if not isinstance(value, str | datetime):
+        raise ValueError("must be an RFC 3339 date-time string")
+    return value
+
+
+Timestamp = Annotated[
+    AwareDatetime,
+    BeforeValidator(_require_string),
+    WithJsonSchema({"type": "string", "format": "date-time"}),
+]
+
+
+def _reject_bool(value: Any) -> Any:
+    """``true`` is not the integer 1 in JSON, whatever Python thinks."""
+    if isinstance(value, bool):
+        raise ValueError("must be the integer 1")
+    return value
+
+
+class RedirectBody(BaseModel):
+    """The vendor body of ``POST /requests/{channelID}/executa-desvio``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    DISPOSITIVO: NonEmpty
+    SENHA_DISPOSITIVO: NonEmpty | None = Field(default=None, repr=False)
+    DISPOSITIVO_DESTINO: NonEmpty
+    ID_CHAMADA: NonEmpty
+    PRIORIDADE: Priority  # type: ignore[valid-type]
+    DADOS: Annotated[StrictStr, Field(max_length=100)]
+    FONTE_MUSICA: Digits | None = None  # type: ignore[valid-type]
+    TEMPO_FILA: Digits | None = None  # type: ignore[valid-type]
+    DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA: NonEmpty | None = None
+    TEMPO_POS_ATENDIMENTO: Digits | None = None  # type: ignore[valid-type]
+
+
+class RedirectCommand(BaseModel):
+    """A command asking the worker to redirect a call waiting in a DAC queue."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        frozen=True,
+        title="RedirectCommand",
+        json_schema_extra={"$id": "https://pabx-worker/schemas/redirect-command.v1.json"},
+    )
+
+    command_id: Annotated[StrictStr, Field(pattern=COMMAND_ID_PATTERN)] | None = None
+    type: Literal["redirect"]
+    version: Annotated[Literal[1], BeforeValidator(_reject_bool)]
+    issued_at: Timestamp | None = Field(default=None, strict=False)
+    expires_at: Timestamp | None = Field(default=None, strict=False)
+    pabx: Annotated[StrictStr, Field(pattern=TARGET_NAME_PATTERN)] = "default"
+    channel_id: Annotated[StrictInt, Field(gt=0)] | None = None
+    redirect: RedirectBody
+
+
+class Status(StrEnum):
+    """Terminal outcome of a command."""
+
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+#: Outcome models: every field is present in what the worker emits.
+_OUTCOME_CONFIG = ConfigDict(
+    extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
+)
+
+
+class ErrorInfo(BaseModel):
+    """Why a command did not end ``accepted``."""
+
+    model_config = _OUTCOME_CONFIG
+
+    code: Literal[
+        "invalid_command",
+        "idempotency_conflict",
+        "pabx_bad_request",
+        "pabx_unauthorized",
+        "pabx_forbidden",
+        "pabx_error",
+        "pabx_unreachable",
+        "poison_message",
+        "expired",
+    ]
+    message: str
+
+
+class PabxInfo(BaseModel):
+    """Which PABX target handled the command and its last HTTP status."""
+
+    model_config = _OUTCOME_CONFIG
+
+    name: str
+    status_code: int | None = None
+
+
+class RedirectSummary(BaseModel):
+    """The identifying part of the redirect: never the device password."""
+
+    model_config = _OUTCOME_CONFIG
+
+    DISPOSITIVO: str
+    DISPOSITIVO_DESTINO: str
+    ID_CHAMADA: str
+
+
+class AmqpRef(BaseModel):
+    """AMQP properties of a message whose command id could not be read."""
+
+    model_config = _OUTCOME_CONFIG
+
+    message_id: str | None = None
+    correlation_id: str | None = None
+
+
+class OutcomeData(BaseModel):
+    """The ``data`` member of an outcome event."""
+
+    model_config = _OUTCOME_CONFIG
+
+    command_id: str | None
+    status: Status
+    attempts: Annotated[int, Field(ge=0)]
+    duplicate: bool = False
+    pabx: PabxInfo | None = None
+    error: ErrorInfo | None = None
+    redirect: RedirectSummary | None = None
+    amqp: AmqpRef | None = None
+
+
+class OutcomeEvent(BaseModel):
+    """A CloudEvents 1.0 event in structured mode reporting one command's outcome."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_serialization_defaults_required=True,
+        title="RedirectOutcome",
+        json_schema_extra={"$id": "https://pabx-worker/schemas/redirect-outcome.v1.json"},
+    )
+
+    specversion: Literal["1.0"] = "1.0"
+    id: Annotated[str, Field(min_length=1)]
+    source: Annotated[str, Field(min_length=1)] = "pabx-worker"
+    type: Literal[
+        "pabx.redirect.accepted",
+        "pabx.redirect.rejected",
+        "pabx.redirect.failed",
+        "pabx.redirect.expired",
+    ]
+    subject: str | None = None
+    time: datetime
+    datacontenttype: Literal["application/json"] = "application/json"
+    data: OutcomeData

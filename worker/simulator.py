@@ -1,0 +1,531 @@
+"""PABX simulator: a real HTTP server imitating the Dígitro CTI API (SPEC §6).
+
+It serves the one operation the worker relays, "Redirecionar chamada em Fila DAC"::
+
+    POST /requests/{channelID}/executa-desvio      header x-api-key, JSON body
+
+and answers as the vendor page describes: ``200 {}`` ("command received"), ``400`` for an
+invalid request, ``401`` without an API key, ``403`` with a wrong one.  Error answers carry
+``{"error": "<message naming the field>"}``.
+
+Processing order for ``executa-desvio``:
+
+1. the request is read and recorded (so tests can count every request, answered or not);
+2. injected faults: sleep ``latency_ms``; then if ``hang`` wait until the client disconnects
+   or the server stops (never answered: recorded ``status`` stays ``null``); then if
+   ``fail_next > 0`` decrement it and answer ``fail_status``; then with probability
+   ``error_rate`` answer ``fail_status``;
+3. vendor rules, first failure wins: missing/empty ``x-api-key`` → 401; wrong key → 403;
+   ``channelID`` not a decimal integer (ASCII digits only, at most 19 of them; ``0`` is
+   accepted) → 400; body not UTF-8 JSON object → 400; unknown field → 400; missing required
+   field (``DISPOSITIVO``, ``SENHA_DISPOSITIVO``, ``DISPOSITIVO_DESTINO``, ``ID_CHAMADA``,
+   ``PRIORIDADE``, ``DADOS``) → 400; any value not a JSON string → 400 (the vendor documents
+   every field as a string); empty ``DISPOSITIVO``/``SENHA_DISPOSITIVO``/
+   ``DISPOSITIVO_DESTINO``/``ID_CHAMADA`` → 400 (``DADOS`` may be empty);
+   ``PRIORIDADE`` not a digit string with value 0..19 → 400; ``DADOS`` over 100 characters
+   → 400; ``FONTE_MUSICA`` (vendor: "Limite de 10 fontes") not a digit string with value
+   1..10 → 400; ``TEMPO_FILA`` / ``TEMPO_POS_ATENDIMENTO`` not digit strings → 400;
+4. otherwise ``200`` with body ``{}`` (``application/json``).
+
+The request ``Content-Type`` is not checked (the vendor does not document a reaction to it).
+
+Admin API (not part of the vendor API):
+
+=========================  ===============================================================
+``GET /_sim/requests``     ``{"requests": [{"channel_id", "headers", "body", "status",
+                           "received_at"}]}`` in arrival order; ``channel_id`` is an int or
+                           the raw path segment, ``body`` the parsed JSON or the raw text,
+                           headers as received (``x-api-key`` included, unredacted).
+``DELETE /_sim/requests``  forget recorded requests (204).
+``PUT /_sim/faults``       JSON ``{"latency_ms", "fail_next", "fail_status", "error_rate",
+                           "hang"}``; replaces *every* setting (absent keys get their
+                           defaults, so a ``--latency-ms`` start value is reset too).
+``GET /_sim/faults``       current fault settings.
+``GET /_sim/health``       ``200 {"status": "ok"}``.
+=========================  ===============================================================
+
+At most 100 000 requests are remembered (oldest dropped).  The server is asyncio-based,
+aiohttp disables Nagle on every connection, and access logging is off, so the simulator is
+not the bottleneck of the worker's benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hmac
+import json
+import math
+import random
+import re
+import signal
+import sys
+import threading
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Final
+
+from aiohttp import web
+
+__all__ = [
+    "MAX_RECORDED_REQUESTS",
+    "Faults",
+    "SimulatorThread",
+    "create_app",
+    "parse_faults",
+    "run_simulator",
+]
+
+MAX_RECORDED_REQUESTS: Final = 100_000
+SHUTDOWN_TIMEOUT_S: Final = 2.0
+_HANG_POLL_S: Final = 0.05
+
+REQUIRED_FIELDS: Final = (
+    "DISPOSITIVO",
+    "SENHA_DISPOSITIVO",
+    "DISPOSITIVO_DESTINO",
+    "ID_CHAMADA",
+    "PRIORIDADE",
+    "DADOS",
+)
+OPTIONAL_FIELDS: Final = (
+    "FONTE_MUSICA",
+    "TEMPO_FILA",
+    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA",
+    "TEMPO_POS_ATENDIMENTO",
+)
+_KNOWN_FIELDS: Final = frozenset(REQUIRED_FIELDS + OPTIONAL_FIELDS)
+_NON_EMPTY_FIELDS: Final = ("DISPOSITIVO", "SENHA_DISPOSITIVO", "DISPOSITIVO_DESTINO", "ID_CHAMADA")
+DADOS_MAX_CHARS: Final = 100
+PRIORIDADE_RANGE: Final = (0, 19)
+FONTE_MUSICA_RANGE: Final = (1, 10)
+
+_DIGITS: Final = re.compile(r"[0-9]+")
+_CHANNEL_ID: Final = re.compile(r"[0-9]{1,19}")
+_OK_BODY: Final = b"{}"
+
+Record = dict[str, Any]
+
+
+class InvalidRequest(Exception):
+    """A vendor rule failed: answer ``status`` with ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Faults:
+    """Injected fault settings, applied before the vendor rules."""
+
+    latency_ms: float = 0
+    fail_next: int = 0
+    fail_status: int = 503
+    error_rate: float = 0.0
+    hang: bool = False
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number")
+    return float(value)
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer")
+    return value
+
+
+def _check_fault_value(name: str, value: object) -> None:
+    """Raise ValueError if ``value`` is not acceptable for fault setting ``name``."""
+    if name == "latency_ms" and _number(name, value) < 0:
+        raise ValueError("latency_ms must be >= 0")
+    if name == "fail_next" and _integer(name, value) < 0:
+        raise ValueError("fail_next must be >= 0")
+    if name == "fail_status" and not 400 <= _integer(name, value) <= 599:
+        raise ValueError("fail_status must be in 400..599")
+    if name == "error_rate" and not 0 <= _number(name, value) <= 1:
+        raise ValueError("error_rate must be in 0..1")
+    if name == "hang" and not isinstance(value, bool):
+        raise ValueError("hang must be true or false")
+
+
+def parse_faults(data: object) -> Faults:
+    """Build :class:`Faults` from decoded JSON; absent keys take their defaults.
+
+    Raises ValueError naming the offending key on unknown keys or bad values.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("faults must be a JSON object")
+    known = {f.name for f in fields(Faults)}
+    unknown = sorted(str(k) for k in data if k not in known)
+    if unknown:
+        raise ValueError(f"unknown fault setting(s): {', '.join(unknown)}")
+    for name, value in data.items():
+        _check_fault_value(name, value)
+    return Faults(**data)
+
+
+# --------------------------------------------------------------------------- state
+
+
+class _State:
+    """Mutable simulator state shared by the handlers of one app (one event loop)."""
+
+    def __init__(self, api_key: str, latency_ms: float) -> None:
+        self.api_key = api_key.encode()
+        self.faults = Faults(latency_ms=latency_ms)
+        self.requests: collections.deque[Record] = collections.deque(maxlen=MAX_RECORDED_REQUESTS)
+        self.stopping: asyncio.Event | None = None  # created on startup, inside the loop
+
+
+_STATE: Final = web.AppKey("pabx_simulator_state", _State)
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+# --------------------------------------------------------------------------- vendor rules
+
+
+def _check_api_key(state: _State, headers: Any) -> None:
+    key = headers.get("x-api-key")
+    if not key:
+        raise InvalidRequest(401, "missing x-api-key header")
+    if not hmac.compare_digest(key.encode(), state.api_key):
+        raise InvalidRequest(403, "invalid x-api-key")
+
+
+def _check_channel(raw: str) -> None:
+    if _CHANNEL_ID.fullmatch(raw) is None:
+        raise InvalidRequest(400, f"channelID must be an integer, got {raw!r}")
+
+
+class _Body:
+    """A request body as received: the parsed JSON, or the raw text when it is not JSON."""
+
+    __slots__ = ("is_json", "utf8", "value")
+
+    def __init__(self, raw: bytes) -> None:
+        try:
+            text = raw.decode("utf-8")
+            self.utf8 = True
+        except UnicodeDecodeError:
+            text = raw.decode("utf-8", errors="replace")
+            self.utf8 = False
+        try:
+            self.value: object = json.loads(text)
+            self.is_json = True
+        except ValueError:
+            self.value = text
+            self.is_json = False
+
+
+def _check_shape(body: _Body) -> dict[str, Any]:
+    if not body.utf8:
+        raise InvalidRequest(400, "body must be UTF-8 encoded JSON")
+    if not body.is_json:
+        raise InvalidRequest(400, "body is not valid JSON")
+    fields_ = body.value
+    if not isinstance(fields_, dict):
+        raise InvalidRequest(400, "body must be a JSON object")
+    unknown = sorted(k for k in fields_ if k not in _KNOWN_FIELDS)
+    if unknown:
+        raise InvalidRequest(400, f"unknown field(s): {', '.join(unknown)}")
+    for name in REQUIRED_FIELDS:
+        if name not in fields_:
+            raise InvalidRequest(400, f"missing required field {name}")
+    for name, value in fields_.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(400, f"field {name} must be a JSON string")
+    for name in _NON_EMPTY_FIELDS:
+        if not fields_[name]:
+            raise InvalidRequest(400, f"field {name} must not be empty")
+    return fields_
+
+
+def _check_digits(body: dict[str, Any], name: str, bounds: tuple[int, int] | None) -> None:
+    value = body.get(name)
+    if value is None:
+        return
+    if _DIGITS.fullmatch(value) is None:
+        raise InvalidRequest(400, f"field {name} must be a digit string, got {value!r}")
+    if bounds is not None and not bounds[0] <= int(value) <= bounds[1]:
+        lo, hi = bounds
+        raise InvalidRequest(400, f"field {name} must be in {lo}..{hi}, got {value!r}")
+
+
+def _check_values(body: dict[str, Any]) -> None:
+    _check_digits(body, "PRIORIDADE", PRIORIDADE_RANGE)
+    if len(body["DADOS"]) > DADOS_MAX_CHARS:
+        raise InvalidRequest(400, f"field DADOS must be at most {DADOS_MAX_CHARS} characters")
+    _check_digits(body, "FONTE_MUSICA", FONTE_MUSICA_RANGE)
+    _check_digits(body, "TEMPO_FILA", None)
+    _check_digits(body, "TEMPO_POS_ATENDIMENTO", None)
+
+
+def _check_vendor_rules(state: _State, request: web.Request, body: _Body) -> None:
+    _check_api_key(state, request.headers)
+    _check_channel(request.match_info["channelID"])
+    _check_values(_check_shape(body))
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def _hang(state: _State, request: web.Request) -> None:
+    """Wait until the client goes away or the server shuts down."""
+    stopping = state.stopping
+    assert stopping is not None
+    while not stopping.is_set():
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), _HANG_POLL_S)
+
+
+def _failure_status(faults: Faults) -> int | None:
+    """``fail_next`` then ``error_rate``: the status to answer, or None to go on."""
+    if faults.fail_next > 0:
+        faults.fail_next -= 1
+        return faults.fail_status
+    if faults.error_rate > 0 and random.random() < faults.error_rate:
+        return faults.fail_status
+    return None
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def _executa_desvio(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    raw_channel = request.match_info["channelID"]
+    record: Record = {
+        "channel_id": int(raw_channel) if _CHANNEL_ID.fullmatch(raw_channel) else raw_channel,
+        "headers": dict(request.headers),
+        "body": None,
+        "status": None,
+        "received_at": _utc_now(),
+    }
+    state.requests.append(record)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        record["status"] = 413
+        return _error(413, "body too large")
+    body = _Body(raw)
+    record["body"] = body.value
+
+    faults = state.faults
+    if faults.latency_ms > 0:
+        await asyncio.sleep(faults.latency_ms / 1000)
+        faults = state.faults  # may have been replaced meanwhile
+    if faults.hang:
+        await _hang(state, request)  # never answered: the recorded status stays None
+        return _error(503, "simulator stopping")
+    status = _failure_status(faults)
+    if status is not None:
+        record["status"] = status
+        return _error(status, f"injected fault {status}")
+    try:
+        _check_vendor_rules(state, request, body)
+    except InvalidRequest as exc:
+        record["status"] = exc.status
+        return _error(exc.status, exc.message)
+    record["status"] = 200
+    return web.Response(body=_OK_BODY, content_type="application/json")
+
+
+async def _get_requests(request: web.Request) -> web.Response:
+    return web.json_response({"requests": list(request.app[_STATE].requests)})
+
+
+async def _delete_requests(request: web.Request) -> web.Response:
+    request.app[_STATE].requests.clear()
+    return web.Response(status=204)
+
+
+async def _get_faults(request: web.Request) -> web.Response:
+    return web.json_response(asdict(request.app[_STATE].faults))
+
+
+async def _put_faults(request: web.Request) -> web.Response:
+    try:
+        data = json.loads(await request.read())
+    except ValueError:
+        return _error(400, "faults must be a JSON object")
+    try:
+        faults = parse_faults(data)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    request.app[_STATE].faults = faults
+    return web.json_response(asdict(faults))
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _on_startup(app: web.Application) -> None:
+    app[_STATE].stopping = asyncio.Event()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    stopping = app[_STATE].stopping
+    if stopping is not None:
+        stopping.set()  # release hanging handlers so shutdown is not blocked
+
+
+def create_app(*, api_key: str, latency_ms: float = 0) -> web.Application:
+    """Build the simulator application (vendor route plus the ``/_sim`` admin API)."""
+    if not api_key:
+        raise ValueError("api_key must not be empty")
+    _check_fault_value("latency_ms", latency_ms)
+    app = web.Application()
+    app[_STATE] = _State(api_key, float(latency_ms))
+    app.router.add_post("/requests/{channelID}/executa-desvio", _executa_desvio)
+    app.router.add_get("/_sim/requests", _get_requests)
+    app.router.add_delete("/_sim/requests", _delete_requests)
+    app.router.add_get("/_sim/faults", _get_faults)
+    app.router.add_put("/_sim/faults", _put_faults)
+    app.router.add_get("/_sim/health", _health)
+    app.on_startup.append(_on_startup)
+    app.on_shutdown.append(_on_shutdown)
+    return app
+
+
+async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound = runner.addresses[0]
+    bound_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    return runner, f"http://{bound_host}:{bound[1]}"
+
+
+async def _serve(host: str, port: int, api_key: str, latency_ms: float) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner, url = await _start(create_app(api_key=api_key, latency_ms=latency_ms), host, port)
+    print(f"pabx simulator listening on {url}", file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def run_simulator(*, host: str, port: int, api_key: str, latency_ms: float = 0) -> None:
+    """Serve the simulator until SIGINT/SIGTERM, then shut down cleanly.
+
+    Prints one line ``pabx simulator listening on http://HOST:PORT`` to stderr.  Raises
+    ValueError for an empty key or bad latency, OSError if the address cannot be bound.
+    """
+    asyncio.run(_serve(host, port, api_key, latency_ms))
+
+
+class SimulatorThread:
+    """The simulator in a background thread with its own event loop.
+
+    ``with SimulatorThread(api_key="k") as sim: requests.get(sim.url + "/_sim/health")``.
+    Binds ``host`` (default 127.0.0.1) on an ephemeral port unless ``port`` is given.
+    """
+
+    def __init__(
+        self, *, api_key: str, latency_ms: float = 0, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self._app = create_app(api_key=api_key, latency_ms=latency_ms)
+        self._host = host
+        self._port = port
+        self._url: str | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:41234`` (only once started)."""
+        if self._url is None:
+            raise RuntimeError("simulator not started")
+        return self._url
+
+    def start(self) -> SimulatorThread:
+        """Start serving; returns once the port is bound (raises if binding failed)."""
+        if self._thread is not None:
+            raise RuntimeError("simulator already started")
+        self._thread = threading.Thread(target=self._run, name="pabx-simulator", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server and join the thread (idempotent)."""
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None or not thread.is_alive():
+            return
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError("simulator thread did not stop in time")
+
+    def __enter__(self) -> SimulatorThread:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._error = exc
+        finally:
+            self._ready.set()
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        runner, self._url = await _start(self._app, self._host, self._port)
+        self._ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
