@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 __all__ = ["RedactingFilter", "configure_logging"]
 
@@ -66,9 +66,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str, ensure_ascii=False)
 
 
-def configure_logging(*, fmt: str, level: str, secrets: Iterable[str] = ()) -> None:
-    """Send pabx-worker's logs to stderr in the chosen format, redacting ``secrets``."""
-    handler = logging.StreamHandler(sys.stderr)
+def configure_logging(
+    *, fmt: str, level: str, secrets: Iterable[str] = (), stream: TextIO | None = None
+) -> None:
+    """Send logs to ``stream`` (stderr) in the chosen format, redacting ``secrets``."""
+    handler = logging.StreamHandler(stream or sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

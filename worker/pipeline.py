@@ -22,7 +22,7 @@ from tenacity import (
     retry_if_exception_type,
     stop_after_attempt,
     stop_before_delay,
-    wait_exponential_jitter,
+    wait_random_exponential,
 )
 
 from worker.errors import (
@@ -263,16 +263,17 @@ class Processor:
 
         def attempt() -> int:
             nonlocal attempts
+            if not self._store.mark_sent(
+                command_id, token, attempts + 1, now=self._clock(), lease_s=self._policy.lease_s
+            ):
+                raise _LeaseLost
             attempts += 1
-            self._store.mark_sent(
-                command_id, token, attempts, now=self._clock(), lease_s=self._policy.lease_s
-            )
             return self._pabx.redirect(target, channel_id, body)
 
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.in_process_attempts)
             | stop_before_delay(max(deadline - now, 0.0)),
-            wait=wait_exponential_jitter(initial=0.1, max=self._policy.in_process_max_wait_s),
+            wait=wait_random_exponential(multiplier=0.1, max=self._policy.in_process_max_wait_s),
             retry=retry_if_exception_type(PabxTransientError),
             reraise=True,
         )
@@ -285,6 +286,16 @@ class Processor:
             )
         except (PabxTransientError, RetryError) as exc:
             return self._after_transient(prepared, token, exc, attempts, deadline)
+        except _LeaseLost:
+            # Another worker took the command over (or finished it): it is theirs now.
+            # Come back later through the broker and replay whatever they recorded.
+            log.warning("lease lost before sending", extra={"command_id": command_id})
+            return Decision(
+                Action.RETRY,
+                delay_s=self._policy.retry_delays_s[0],
+                attempts=attempts,
+                command_id=command_id,
+            )
         return self._record(prepared, token, Status.ACCEPTED, None, None, attempts, status_code)
 
     def _after_transient(
@@ -384,6 +395,10 @@ class Processor:
             park=status in (Status.REJECTED, Status.FAILED),
             command_id=prepared.command_id,
         )
+
+
+class _LeaseLost(Exception):
+    """The claim was taken over before the PABX call: do not send."""
 
 
 def _stored_data(outcome: bytes) -> dict[str, Any]:

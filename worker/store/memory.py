@@ -75,7 +75,9 @@ class MemoryStore:
 
     def record(self, command_id: str, token: str, outcome: bytes, attempts: int) -> bytes:
         with self._lock:
-            record = self._records[command_id]
+            record = self._records.get(command_id)
+            if record is None:  # purged meanwhile: nothing to keep it in
+                return outcome
             if record.outcome is None:
                 record.state, record.outcome, record.token = "done", outcome, None
                 record.attempts = max(record.attempts, attempts)

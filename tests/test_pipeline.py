@@ -1,0 +1,290 @@
+"""The path of one command through Processor, on the fake PABX and the memory store."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from worker.errors import PabxUnreachable
+from worker.fakes import FakePabx
+from worker.messages import Delivery
+from worker.models import OutcomeEvent, Status
+from worker.pipeline import Action, Decision, Policy, Processor
+from worker.settings import PabxTarget
+from worker.store.memory import MemoryStore
+
+TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
+NOW = 1_800_000_000.0
+
+
+def command(**changes: Any) -> dict[str, Any]:
+    redirect = {
+        "DISPOSITIVO": "1125000",
+        "SENHA_DISPOSITIVO": "4567",
+        "DISPOSITIVO_DESTINO": "1132000",
+        "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
+        "PRIORIDADE": 0,
+        "DADOS": "111222333-44;Fulano",
+    }
+    redirect.update(changes.pop("redirect", {}))
+    return {
+        "command_id": "cmd-1",
+        "type": "redirect",
+        "version": 1,
+        "redirect": redirect,
+        **changes,
+    }
+
+
+def delivery(body: Any = None, **props: Any) -> Delivery:
+    raw = body if isinstance(body, bytes) else json.dumps(body or command()).encode()
+    return Delivery(body=raw, **props)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = NOW
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def make(
+    pabx: FakePabx, clock: Clock, store: MemoryStore | None = None, **policy: Any
+) -> Processor:
+    return Processor(
+        pabx=pabx,
+        store=store or MemoryStore(),
+        targets={"default": TARGET},
+        policy=Policy(in_process_max_wait_s=0.01, **policy),
+        passwords={"7000": "secret-from-file"},
+        clock=clock,
+    )
+
+
+def run(processor: Processor, d: Delivery) -> Decision:
+    return processor.execute(processor.prepare(d))
+
+
+def event(decision: Decision) -> OutcomeEvent:
+    assert decision.event is not None
+    return OutcomeEvent.model_validate_json(decision.event)
+
+
+def test_valid_command_is_sent_once_with_the_vendor_body_and_accepted(clock: Clock) -> None:
+    pabx = FakePabx()
+    decision = run(make(pabx, clock), delivery())
+    assert decision.action is Action.FINISH and decision.status is Status.ACCEPTED
+    assert len(pabx.requests) == 1
+    sent = pabx.requests[0]
+    assert sent.channel_id == 17
+    assert sent.body["PRIORIDADE"] == "0"  # integers reach the PABX as strings
+    assert sent.body["SENHA_DISPOSITIVO"] == "4567"
+    outcome = event(decision)
+    assert outcome.type == "pabx.redirect.accepted"
+    assert outcome.data.attempts == 1 and outcome.data.duplicate is False
+    assert outcome.data.pabx is not None and outcome.data.pabx.status_code == 200
+    assert "4567" not in decision.event.decode()  # type: ignore[union-attr]
+    assert not decision.park
+
+
+def test_channel_id_of_the_command_wins_over_the_target(clock: Clock) -> None:
+    pabx = FakePabx()
+    run(make(pabx, clock), delivery(command(channel_id=99)))
+    assert pabx.requests[0].channel_id == 99
+
+
+@pytest.mark.parametrize(
+    ("status", "expected", "code"),
+    [
+        (400, Status.REJECTED, "pabx_bad_request"),
+        (401, Status.FAILED, "pabx_unauthorized"),
+        (403, Status.FAILED, "pabx_forbidden"),
+        (404, Status.FAILED, "pabx_error"),
+    ],
+)
+def test_permanent_answers_are_not_retried(
+    clock: Clock, status: int, expected: Status, code: str
+) -> None:
+    pabx = FakePabx([status])
+    decision = run(make(pabx, clock), delivery())
+    assert len(pabx.requests) == 1
+    assert decision.status is expected and decision.park
+    assert decision.error is not None and decision.error.code == code
+    assert event(decision).data.pabx.status_code == status  # type: ignore[union-attr]
+
+
+def test_transient_answers_are_retried_in_process(clock: Clock) -> None:
+    pabx = FakePabx([503, 503])
+    decision = run(make(pabx, clock), delivery())
+    assert decision.status is Status.ACCEPTED
+    assert len(pabx.requests) == 3 and event(decision).data.attempts == 3
+
+
+def test_transient_failures_past_the_in_process_budget_go_to_a_retry_queue(clock: Clock) -> None:
+    store = MemoryStore()
+    pabx = FakePabx([PabxUnreachable("down")] * 3)
+    processor = make(pabx, clock, store)
+    decision = run(processor, delivery())
+    assert decision.action is Action.RETRY and decision.attempts == 3
+    assert decision.delay_s == 1.0
+    # back from the retry queue: the release let it be claimed again, attempts carried on
+    again = run(processor, delivery(headers={"x-pabx-retries": 1}))
+    assert again.status is Status.ACCEPTED and event(again).data.attempts == 4
+
+
+def test_attempt_budget_exhausted_fails_the_command(clock: Clock) -> None:
+    pabx = FakePabx([500] * 3)
+    decision = run(make(pabx, clock, max_attempts=3), delivery())
+    assert decision.status is Status.FAILED and decision.park
+    assert decision.error is not None and decision.error.code == "pabx_error"
+
+
+def test_retry_that_would_land_past_the_deadline_expires(clock: Clock) -> None:
+    expires = datetime.fromtimestamp(NOW + 0.5, UTC).isoformat()
+    pabx = FakePabx([503] * 3)
+    decision = run(make(pabx, clock), delivery(command(expires_at=expires)))
+    assert decision.status is Status.EXPIRED and not decision.park
+
+
+def test_past_deadline_is_expired_without_calling_the_pabx(clock: Clock) -> None:
+    pabx = FakePabx()
+    expires = datetime.fromtimestamp(NOW - 1, UTC).isoformat()
+    decision = run(make(pabx, clock), delivery(command(expires_at=expires)))
+    assert decision.status is Status.EXPIRED and pabx.requests == []
+
+
+@pytest.mark.parametrize("source", ["issued_at", "timestamp", "first_seen"])
+def test_deadline_falls_back_to_ttl(clock: Clock, source: str) -> None:
+    pabx = FakePabx()
+    old = datetime.fromtimestamp(NOW - 200, UTC)
+    store = MemoryStore()
+    if source == "issued_at":
+        d = delivery(command(issued_at=old.isoformat()))
+    elif source == "timestamp":
+        d = delivery(timestamp=old)
+    else:
+        store.claim(
+            "cmd-1", make(pabx, clock).prepare(delivery()).fingerprint, now=NOW - 200, lease_s=1
+        )
+        d = delivery()
+    decision = run(make(pabx, clock, store, command_ttl_s=120), d)
+    assert decision.status is Status.EXPIRED and pabx.requests == []
+
+
+def test_same_command_again_replays_the_stored_outcome(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock)
+    first = run(processor, delivery())
+    later = command(issued_at=datetime.now(UTC).isoformat())  # new timestamp: still a duplicate
+    second = run(processor, delivery(later))
+    assert len(pabx.requests) == 1
+    assert second.duplicate and second.status is Status.ACCEPTED and not second.park
+    assert event(second).id == event(first).id and event(second).data.duplicate is True
+
+
+def test_same_id_other_body_is_a_conflict(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock)
+    run(processor, delivery())
+    decision = run(processor, delivery(command(redirect={"DISPOSITIVO_DESTINO": "1"})))
+    assert len(pabx.requests) == 1
+    assert decision.status is Status.REJECTED and decision.park
+    assert decision.error is not None and decision.error.code == "idempotency_conflict"
+
+
+def test_command_in_flight_elsewhere_waits_in_a_retry_queue(clock: Clock) -> None:
+    store = MemoryStore()
+    pabx = FakePabx()
+    processor = make(pabx, clock, store)
+    prepared = processor.prepare(delivery())
+    store.claim("cmd-1", prepared.fingerprint, now=NOW, lease_s=30)
+    decision = processor.execute(prepared)
+    assert decision.action is Action.RETRY and decision.delay_s == 30
+    assert pabx.requests == []
+
+
+def test_lapsed_lease_after_a_send_is_taken_over_and_counts_attempts(clock: Clock) -> None:
+    store = MemoryStore()
+    pabx = FakePabx()
+    processor = make(pabx, clock, store)
+    prepared = processor.prepare(delivery())
+    claim = store.claim("cmd-1", prepared.fingerprint, now=NOW - 100, lease_s=30)
+    assert claim.token is not None
+    store.mark_sent("cmd-1", claim.token, 1, now=NOW - 100, lease_s=30)  # then the worker died
+    decision = processor.execute(prepared)
+    assert decision.status is Status.ACCEPTED and event(decision).data.attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"not json", "not JSON"),
+        (json.dumps(command(redirect={"PRIORIDADE": 20})).encode(), "PRIORIDADE"),
+        (json.dumps(command(redirect={"PRIORIDAD": "1"})).encode(), "PRIORIDAD"),
+        (json.dumps(command(pabx="nowhere")).encode(), "nowhere"),
+        (json.dumps(command(redirect={"SENHA_DISPOSITIVO": None})).encode(), "SENHA_DISPOSITIVO"),
+    ],
+)
+def test_invalid_commands_are_rejected_and_parked(clock: Clock, body: bytes, fragment: str) -> None:
+    pabx = FakePabx()
+    decision = run(make(pabx, clock), delivery(body, message_id="m-1"))
+    assert decision.status is Status.REJECTED and decision.park and pabx.requests == []
+    assert decision.error is not None and decision.error.code == "invalid_command"
+    assert fragment in decision.error.message
+
+
+def test_garbage_without_any_id_is_correlated_by_amqp_properties(clock: Clock) -> None:
+    decision = run(make(FakePabx(), clock), delivery(b"\xff\xfe", correlation_id="corr-9"))
+    data = event(decision).data
+    assert data.command_id is None and data.amqp is not None
+    assert data.amqp.correlation_id == "corr-9"
+    again = run(make(FakePabx(), clock), delivery(b"\xff\xfe", correlation_id="corr-9"))
+    assert event(again).id == event(decision).id  # deterministic for the same bytes
+
+
+def test_device_password_comes_from_the_device_file(clock: Clock) -> None:
+    pabx = FakePabx()
+    body = command(redirect={"DISPOSITIVO": "7000", "SENHA_DISPOSITIVO": None})
+    body["redirect"].pop("SENHA_DISPOSITIVO")
+    decision = run(make(pabx, clock), delivery(body))
+    assert decision.status is Status.ACCEPTED
+    assert pabx.requests[0].body["SENHA_DISPOSITIVO"] == "secret-from-file"
+
+
+def test_message_at_the_delivery_limit_is_parked_as_poison(clock: Clock) -> None:
+    pabx = FakePabx()
+    decision = run(make(pabx, clock, delivery_limit=5), delivery(delivery_count=4))
+    assert decision.status is Status.FAILED and decision.park and pabx.requests == []
+    assert decision.error is not None and decision.error.code == "poison_message"
+    below = run(make(pabx, clock, delivery_limit=5), delivery(delivery_count=3))
+    assert below.status is Status.ACCEPTED
+
+
+def test_expired_outcome_is_recorded_so_a_resend_replays_it(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock)
+    expires = datetime.fromtimestamp(NOW - 1, UTC).isoformat()
+    first = run(processor, delivery(command(expires_at=expires)))
+    fresh = (datetime.fromtimestamp(NOW, UTC) + timedelta(minutes=5)).isoformat()
+    second = run(processor, delivery(command(expires_at=fresh)))
+    assert second.duplicate and second.status is Status.EXPIRED
+    assert event(second).id == event(first).id and pabx.requests == []
+
+
+def test_lost_lease_means_no_request(clock: Clock) -> None:
+    class StolenStore(MemoryStore):
+        def mark_sent(self, *args: Any, **kwargs: Any) -> bool:
+            return False
+
+    pabx = FakePabx()
+    decision = run(make(pabx, clock, StolenStore()), delivery())
+    assert decision.action is Action.RETRY and pabx.requests == []
