@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from worker.circuit import CircuitBreaker
 from worker.consumer import Worker
 from worker.logs import configure_logging
 from worker.pabx import HttpPabx
@@ -45,6 +46,9 @@ def build_processor(settings: Settings) -> Iterator[Processor]:
             targets=targets,
             policy=Policy.from_settings(settings),
             passwords=passwords,
+            breaker=CircuitBreaker(
+                threshold=settings.circuit_threshold, reset_s=settings.circuit_reset_s
+            ),
         )
     finally:
         pabx.close()

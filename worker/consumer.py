@@ -21,6 +21,7 @@ from typing import Any
 
 from kombu import Connection
 
+from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
 from worker.messages import Delivery
@@ -52,6 +53,7 @@ class WorkerState:
     consuming: bool = False
     in_flight: int = 0
     sessions: int = 0
+    circuit: str = "closed"
     handled: dict[str, int] = field(default_factory=dict)
 
 
@@ -150,20 +152,13 @@ class _Session:
         self.session = session
         self.unacked: dict[int, _Unacked] = {}
         self.consumer_tag: str | None = None
+        self.prefetch = 0
 
     def run(self) -> None:
-        settings = self.settings
         declare_channel = _broker_call(self.connection.channel)
         _broker_call(self.worker._topology.declare, declare_channel)
         self.channel = _broker_call(self.connection.channel)
-        _broker_call(self.channel.basic_qos, 0, settings.concurrency, False)
         self.publisher = ConfirmingPublisher(_broker_call(self.connection.channel))
-        self.consumer_tag = _broker_call(
-            self.channel.basic_consume, settings.command_queue, callback=self._on_message
-        )
-        self.worker.state.consuming = True
-        self.worker.ready.set()
-        log.info("consuming", extra={"queue": settings.command_queue})
         _broker_call(self._loop)
 
     def _loop(self) -> None:
@@ -175,6 +170,8 @@ class _Session:
             if worker._stop.is_set() and stop_by is None:
                 stop_by = time.monotonic() + self.settings.shutdown_timeout_s
                 self._cancel()
+            if stop_by is None:
+                self._follow_breaker()
             if stop_by is not None and (self._idle() or time.monotonic() > stop_by):
                 return
             timeout = BUSY_POLL_S if worker.state.in_flight or self.unacked else IDLE_POLL_S
@@ -187,6 +184,29 @@ class _Session:
 
     def _idle(self) -> bool:
         return self.worker.state.in_flight == 0 and not self.unacked
+
+    def _follow_breaker(self) -> None:
+        """Consume while the PABX circuit is closed; one at a time while it is probed."""
+        state = self.worker._processor.breaker.state
+        self.worker.state.circuit = state.value
+        if state is CircuitState.OPEN:
+            if self.consumer_tag is not None:
+                log.warning("PABX keeps failing: consumption paused")
+                self._cancel()
+            return
+        prefetch = 1 if state is CircuitState.HALF_OPEN else self.settings.concurrency
+        if prefetch != self.prefetch:
+            self.channel.basic_qos(0, prefetch, False)
+            self.prefetch = prefetch
+        if self.consumer_tag is None:
+            self.consumer_tag = self.channel.basic_consume(
+                self.settings.command_queue, callback=self._on_message
+            )
+            self.worker.state.consuming = True
+            self.worker.ready.set()
+            log.info(
+                "consuming", extra={"queue": self.settings.command_queue, "circuit": state.value}
+            )
 
     def _cancel(self) -> None:
         if self.consumer_tag is not None:

@@ -10,6 +10,7 @@ mapped to these at the boundary that met them::
     ├── PabxError                   the PABX answered badly or not at all
     │   ├── PabxTransientError      may succeed later: retry
     │   │   ├── PabxUnreachable     connection refused/reset, timeout
+    │   │   │   └── CircuitOpen     not sent: the circuit breaker is open
     │   │   └── PabxServerError     429, 500, 502, 503, 504
     │   └── PabxPermanentError      never retry
     │       ├── PabxBadRequest      400
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 __all__ = [
     "BrokerError",
+    "CircuitOpen",
     "ConfigurationError",
     "InvalidCommand",
     "PabxBadRequest",
@@ -76,6 +78,10 @@ class PabxUnreachable(PabxTransientError):
     """No answer: connection failure or timeout."""
 
     code = "pabx_unreachable"
+
+
+class CircuitOpen(PabxUnreachable):
+    """Not sent: the PABX kept failing and the circuit breaker is open."""
 
 
 class PabxServerError(PabxTransientError):

@@ -62,9 +62,14 @@ def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _check_envelope(delivery: Delivery) -> None:
-    media_type = (delivery.content_type or "").split(";")[0].strip().lower()
+    media_type, *params = (delivery.content_type or "").lower().split(";")
+    media_type = media_type.strip()
     if media_type not in _ACCEPTED_CONTENT_TYPES:
         raise InvalidCommand(f"content type {media_type!r} is not application/json")
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip() == "charset" and value.strip().strip('"') not in _ACCEPTED_ENCODINGS:
+            raise InvalidCommand(f"charset {value.strip()!r} is not UTF-8")
     encoding = (delivery.content_encoding or "").strip().lower()
     if encoding not in _ACCEPTED_ENCODINGS:
         raise InvalidCommand(f"content encoding {encoding!r} is not UTF-8")

@@ -7,6 +7,7 @@ against those files, and a test keeps both in agreement.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -47,8 +48,16 @@ _PRIORITY_PATTERN = r"^(?:[0-9]|1[0-9])$"
 _DIGITS_PATTERN = r"^[0-9]{1,9}$"
 
 
+def _whole_number(value: Any) -> Any:
+    """JSON Schema counts 17.0 as an integer; so do we."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _number_as_string(value: Any) -> Any:
     """Accept a JSON integer where the vendor wants a digit string."""
+    value = _whole_number(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return value
@@ -76,16 +85,22 @@ Digits = _digits(_DIGITS_PATTERN, 0, 999_999_999)
 NonEmpty = Annotated[StrictStr, Field(min_length=1)]
 
 
-def _require_string(value: Any) -> Any:
-    """Reject numbers as timestamps: RFC 3339 strings only."""
-    if not isinstance(value, str | datetime):
-        raise ValueError("must be an RFC 3339 date-time string")
+#: RFC 3339 ``date-time`` (section 5.6), which is stricter than ISO 8601.
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def _require_rfc3339(value: Any) -> Any:
+    """Only RFC 3339 strings: ``"30"`` must not become 1970-01-01T00:00:30Z."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.fullmatch(value):
+        raise ValueError("must be an RFC 3339 date-time string such as 2026-11-29T16:00:30Z")
     return value
 
 
 Timestamp = Annotated[
     AwareDatetime,
-    BeforeValidator(_require_string),
+    BeforeValidator(_require_rfc3339),
     WithJsonSchema({"type": "string", "format": "date-time"}),
 ]
 
@@ -131,7 +146,9 @@ class RedirectCommand(BaseModel):
     issued_at: Timestamp | None = Field(default=None, strict=False)
     expires_at: Timestamp | None = Field(default=None, strict=False)
     pabx: Annotated[StrictStr, Field(pattern=TARGET_NAME_PATTERN)] = "default"
-    channel_id: Annotated[StrictInt, Field(gt=0)] | None = None
+    channel_id: (
+        Annotated[StrictInt, Field(gt=0, le=2**63 - 1), BeforeValidator(_whole_number)] | None
+    ) = None
     redirect: RedirectBody
 
 

@@ -25,7 +25,9 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker.circuit import CircuitBreaker
 from worker.errors import (
+    CircuitOpen,
     InvalidCommand,
     PabxError,
     PabxPermanentError,
@@ -137,6 +139,7 @@ class Processor:
         targets: Mapping[str, PabxTarget],
         policy: Policy,
         passwords: Mapping[str, str] | None = None,
+        breaker: CircuitBreaker | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._pabx = pabx
@@ -145,6 +148,8 @@ class Processor:
         self._policy = policy
         self._passwords = dict(passwords or {})
         self._clock = clock
+        #: Shared with the consumer, which pauses while it is open.
+        self.breaker = breaker or CircuitBreaker(threshold=1_000_000, reset_s=1.0)
 
     # -- CPU-only part, run where the message arrived -------------------------------
 
@@ -263,12 +268,14 @@ class Processor:
 
         def attempt() -> int:
             nonlocal attempts
+            if not self.breaker.allow():
+                raise CircuitOpen("not sent: the PABX circuit breaker is open")
             if not self._store.mark_sent(
                 command_id, token, attempts + 1, now=self._clock(), lease_s=self._policy.lease_s
             ):
                 raise _LeaseLost
             attempts += 1
-            return self._pabx.redirect(target, channel_id, body)
+            return self._call_pabx(target, channel_id, body)
 
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.in_process_attempts)
@@ -297,6 +304,18 @@ class Processor:
                 command_id=command_id,
             )
         return self._record(prepared, token, Status.ACCEPTED, None, None, attempts, status_code)
+
+    def _call_pabx(self, target: PabxTarget, channel_id: int, body: dict[str, str]) -> int:
+        try:
+            status_code = self._pabx.redirect(target, channel_id, body)
+        except PabxTransientError:
+            self.breaker.failure()
+            raise
+        except PabxPermanentError:
+            self.breaker.success()  # it answered: it is up
+            raise
+        self.breaker.success()
+        return status_code
 
     def _after_transient(
         self, prepared: Prepared, token: str, exc: BaseException, attempts: int, deadline: float

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
     #: PABX attempts in all before a command is ``failed``.
     retry_max_attempts: Annotated[int, Field(ge=1, le=100)] = 12
 
+    #: Transient PABX failures in a row that open the circuit breaker.
+    circuit_threshold: Annotated[int, Field(ge=1)] = 5
+    #: How long the circuit stays open before one probe request.
+    circuit_reset_s: Seconds = 5.0
+
     # Topology
     commands_exchange: str = "pabx.commands"
     command_queue: str = "pabx.redirect"

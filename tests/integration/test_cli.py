@@ -1,0 +1,158 @@
+"""The command line as people and operators use it: real processes, real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import API_KEY, Peer, sim_requests
+from tests.integration.test_worker import command
+from worker.settings import Settings
+from worker.simulator import SimulatorThread
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "worker"]
+
+
+def env_for(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PABX_WORKER_")}
+    for name in (
+        "amqp_url",
+        "commands_exchange",
+        "command_queue",
+        "results_exchange",
+        "unrouted_exchange",
+        "dead_exchange",
+        "parked_queue",
+        "retry_queue_prefix",
+    ):
+        env[f"PABX_WORKER_{name.upper()}"] = str(getattr(settings, name))
+    env["PABX_WORKER_RETRY_DELAYS_S"] = json.dumps(list(settings.retry_delays_s))
+    env.update(extra)
+    return env
+
+
+def test_run_consumes_and_stops_cleanly_on_sigterm(
+    settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    env = env_for(
+        settings,
+        PABX_WORKER_PABX_URL=sim.url,
+        PABX_WORKER_PABX_API_KEY=API_KEY,
+        PABX_WORKER_PABX_CHANNEL_ID="17",
+        PABX_WORKER_HTTP_PORT="0",
+        PABX_WORKER_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+    )
+    proc = subprocess.Popen([*CLI, "run"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        peer.publish(command())
+        _, event = peer.events(1, timeout=30)[0]
+        assert event["data"]["status"] == "accepted"
+        proc.send_signal(signal.SIGTERM)
+        _, logs = proc.communicate(timeout=30)
+        assert proc.returncode == 0, logs
+    finally:
+        proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+    assert API_KEY not in logs and "4567" not in logs
+    assert any(json.loads(line).get("message") == "stopped" for line in logs.splitlines())
+
+
+def test_send_wait_prints_the_outcome(
+    settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    from tests.integration.conftest import RunningWorker
+
+    running = RunningWorker(settings)
+    try:
+        cmd = command()
+        path = tmp_path / "cmd.json"
+        path.write_text(json.dumps(cmd))
+        done = subprocess.run(
+            [*CLI, "send", str(path), "--wait", "20"],
+            env=env_for(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        running.stop()
+    assert done.returncode == 0, done.stderr
+    outcome: dict[str, Any] = json.loads(done.stdout)
+    assert outcome["data"]["command_id"] == cmd["command_id"]
+    assert outcome["data"]["status"] == "accepted"
+    assert len(sim_requests(sim)) == 1
+
+
+def test_send_rejects_an_invalid_command_before_publishing(settings: Settings, peer: Peer) -> None:
+    bad = json.dumps(command(redirect={"PRIORIDADE": 30}))
+    done = subprocess.run(
+        [*CLI, "send", "-"],
+        input=bad,
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "PRIORIDADE" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert peer.queue_length(settings.command_queue) == 0
+
+
+def test_demo_shows_outcomes_and_exits_0(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PABX_WORKER_")}
+    done = subprocess.run(
+        [*CLI, "demo"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    for status in ("accepted", "rejected", "expired", "failed"):
+        assert status in done.stdout
+
+
+def test_no_broker_is_a_clear_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PABX_WORKER_")}
+    env["PABX_WORKER_AMQP_URL"] = "amqp://guest:guest@127.0.0.1:1/%2F"
+    done = subprocess.run(
+        [*CLI, "topology", "declare"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "PABX_WORKER_AMQP_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_simulate_serves_until_sigterm() -> None:
+    import socket
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [*CLI, "simulate", "--port", str(port), "--api-key", "k"], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert requests.get(f"http://127.0.0.1:{port}/_sim/health", timeout=1).ok
+                break
+            except requests.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        proc.kill()
+        if proc.stderr:
+            proc.stderr.close()

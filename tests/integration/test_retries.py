@@ -1,0 +1,54 @@
+"""Deadlines, timeouts and the circuit breaker against the simulator's injected faults."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from tests.integration.conftest import (
+    Peer,
+    RunningWorker,
+    set_faults,
+    sim_requests,
+)
+from tests.integration.test_worker import command
+from worker.simulator import SimulatorThread
+
+pytestmark = pytest.mark.integration
+
+
+def test_hang_times_out_and_is_retried(
+    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+) -> None:
+    set_faults(sim, hang=True)
+    peer.publish(command())
+    deadline = time.monotonic() + 10
+    while not sim_requests(sim) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    set_faults(sim)  # the hung request times out (1 s read timeout); the retry gets through
+    _, event = peer.events(1)[0]
+    assert event["data"]["status"] == "accepted" and event["data"]["attempts"] == 2
+
+
+def test_past_deadline_is_expired_and_nothing_is_sent(
+    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+) -> None:
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    peer.publish(command(expires_at=past))
+    _, event = peer.events(1)[0]
+    assert event["data"]["status"] == "expired" and event["data"]["error"]["code"] == "expired"
+    assert sim_requests(sim) == []
+    assert peer.queue_length(peer.settings.parked_queue) == 0  # expired is not parked
+
+
+def test_outage_until_the_deadline_ends_expired(
+    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+) -> None:
+    set_faults(sim, error_rate=1.0, fail_status=503)
+    soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+    peer.publish(command(expires_at=soon))
+    _, event = peer.events(1)[0]
+    assert event["data"]["status"] == "expired"
+    assert event["data"]["attempts"] >= 3

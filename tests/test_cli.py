@@ -1,0 +1,84 @@
+"""Command-line behaviour that needs no server: usage and configuration errors, exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from worker.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PABX_WORKER_"):
+            monkeypatch.delenv(name)
+
+
+def test_topology_export_matches_the_operators_definitions_file() -> None:
+    result = runner.invoke(app, ["topology", "export"])
+    assert result.exit_code == 0
+    shipped = json.loads(Path("deploy/rabbitmq/definitions.json").read_text())
+    assert json.loads(result.stdout) == shipped
+
+
+def test_topology_export_has_quorum_queue_with_delivery_limit_and_dead_letters() -> None:
+    exported = json.loads(runner.invoke(app, ["topology", "export"]).stdout)
+    queues = {q["name"]: q["arguments"] for q in exported["queues"]}
+    assert queues["pabx.redirect"] == {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": 10,
+        "x-dead-letter-exchange": "pabx.dead",
+    }
+    assert "x-max-length" in queues["pabx.unrouted"]
+    retry = [name for name in queues if name.startswith("pabx.retry.")]
+    assert retry and all(queues[n]["x-dead-letter-routing-key"] == "pabx.redirect" for n in retry)
+    exchanges = {e["name"]: e for e in exported["exchanges"]}
+    assert exchanges["pabx.results"]["arguments"] == {"alternate-exchange": "pabx.unrouted"}
+
+
+def test_run_without_pabx_settings_names_them_and_exits_2() -> None:
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 2
+    assert "PABX_WORKER_PABX_URL" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PABX_WORKER_CONCURRENCY", "many")
+    result = runner.invoke(app, ["run"])
+    assert result.exit_code == 2 and "PABX_WORKER_CONCURRENCY" in result.stderr
+
+
+def test_config_file_values_and_environment_precedence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('command_queue = "from-file"\nresults_exchange = "file.results"\n')
+    monkeypatch.setenv("PABX_WORKER_RESULTS_EXCHANGE", "env.results")
+    result = runner.invoke(app, ["topology", "export", "--config", str(config)])
+    assert result.exit_code == 0, result.stderr
+    exported = json.loads(result.stdout)
+    assert "from-file" in {q["name"] for q in exported["queues"]}
+    assert "env.results" in {e["name"] for e in exported["exchanges"]}
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["topology", "export", "--config", str(tmp_path / "nope.toml")])
+    assert result.exit_code == 2 and "--config" in result.stderr
+
+
+def test_send_invalid_json_exits_2_without_traceback() -> None:
+    result = runner.invoke(app, ["send", "-"], input="{not json")
+    assert result.exit_code == 2 and "not JSON" in result.stderr
+
+
+def test_simulate_requires_an_api_key() -> None:
+    result = runner.invoke(app, ["simulate"])
+    assert result.exit_code == 2 and "--api-key" in result.stderr
