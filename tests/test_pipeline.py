@@ -288,3 +288,12 @@ def test_lost_lease_means_no_request(clock: Clock) -> None:
     pabx = FakePabx()
     decision = run(make(pabx, clock, StolenStore()), delivery())
     assert decision.action is Action.RETRY and pabx.requests == []
+
+
+def test_purge_drops_records_past_retention(clock: Clock) -> None:
+    store = MemoryStore()
+    processor = make(FakePabx(), clock, store)
+    run(processor, delivery())
+    assert processor.purge() == 0
+    clock.now += 49 * 3600
+    assert processor.purge() == 1

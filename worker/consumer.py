@@ -41,6 +41,8 @@ BUSY_POLL_S = 0.002
 IDLE_POLL_S = 0.2
 #: Longest pause between reconnection attempts.
 MAX_RECONNECT_WAIT_S = 10.0
+#: How often records past the retention period are dropped from the store.
+PURGE_EVERY_S = 3600.0
 #: Largest ``x-pabx-error`` header on a parked copy.
 MAX_REASON_CHARS = 512
 
@@ -93,6 +95,8 @@ class Worker:
     def run(self) -> None:
         """Consume until stopped; a ConfigurationError (topology mismatch) ends it."""
         wait = 0.5
+        purger = threading.Thread(target=self._purge_loop, name="pabx-purge", daemon=True)
+        purger.start()
         try:
             while not self._stop.is_set():
                 try:
@@ -104,6 +108,16 @@ class Worker:
                     wait = min(wait * 2, MAX_RECONNECT_WAIT_S)
         finally:
             self._executor.shutdown(wait=False)
+
+    def _purge_loop(self) -> None:
+        while True:
+            try:
+                dropped = self._processor.purge()
+                log.debug("purged idempotency records", extra={"dropped": dropped})
+            except StoreError as exc:
+                log.warning("purge failed", extra={"error": str(exc)})
+            if self._stop.wait(PURGE_EVERY_S):
+                return
 
     # -- one connection's lifetime ------------------------------------------------------
 

@@ -44,7 +44,7 @@ from worker.messages import (
 from worker.models import ErrorInfo, PabxInfo, RedirectCommand, Status
 from worker.outcomes import as_duplicate, build_event, encode
 from worker.settings import PabxTarget, Settings
-from worker.store.base import Claim, ClaimState, Store
+from worker.store.base import RETENTION_S, Claim, ClaimState, Store
 
 __all__ = ["Action", "Decision", "PabxClient", "Policy", "Prepared", "Processor"]
 
@@ -185,6 +185,10 @@ class Processor:
             )
 
     # -- I/O part, run on a worker thread ----------------------------------------------
+
+    def purge(self) -> int:
+        """Drop idempotency records older than the retention period."""
+        return self._store.purge(older_than=self._clock() - RETENTION_S)
 
     def execute(self, prepared: Prepared) -> Decision:
         """Carry the command through; raises StoreError when the store is down."""
