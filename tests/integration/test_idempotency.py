@@ -26,7 +26,6 @@ def test_same_id_with_another_body_is_rejected_as_conflict(
     assert event["data"]["status"] == "rejected"
     assert event["data"]["error"]["code"] == "idempotency_conflict"
     assert len(sim_requests(sim)) == 1
-    assert waited >= 1  # a copy met the other worker's live lease and went to a retry queue
     parked = peer.drain(peer.settings.parked_queue, 1)
     assert parked[0][0].headers["x-pabx-error-code"] == "idempotency_conflict"
 
