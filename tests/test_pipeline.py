@@ -297,3 +297,27 @@ def test_purge_drops_records_past_retention(clock: Clock) -> None:
     assert processor.purge() == 0
     clock.now += 49 * 3600
     assert processor.purge() == 1
+
+
+def test_poison_copy_of_a_finished_command_replays_its_outcome(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock, delivery_limit=5)
+    first = run(processor, delivery())
+    again = run(processor, delivery(delivery_count=4))
+    assert again.duplicate and again.status is Status.ACCEPTED
+    assert event(again).id == event(first).id and len(pabx.requests) == 1
+
+
+def test_poison_outcome_is_recorded_for_later_copies(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock, delivery_limit=5)
+    poisoned = run(processor, delivery(delivery_count=4))
+    resent = run(processor, delivery())
+    assert resent.duplicate and resent.status is Status.FAILED
+    assert event(resent).id == event(poisoned).id and pabx.requests == []
+
+
+def test_invalid_poison_message_fails_as_poison(clock: Clock) -> None:
+    decision = run(make(FakePabx(), clock, delivery_limit=5), delivery(b"{", delivery_count=4))
+    assert decision.status is Status.FAILED
+    assert decision.error is not None and decision.error.code == "poison_message"

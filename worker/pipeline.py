@@ -32,6 +32,7 @@ from worker.errors import (
     PabxError,
     PabxPermanentError,
     PabxTransientError,
+    StoreError,
 )
 from worker.messages import (
     Delivery,
@@ -192,22 +193,20 @@ class Processor:
 
     def execute(self, prepared: Prepared) -> Decision:
         """Carry the command through; raises StoreError when the store is down."""
-        if prepared.delivery.delivery_count >= self._policy.delivery_limit - 1:
-            return self._finish(
-                prepared,
-                Status.FAILED,
-                "poison_message",
-                f"delivered {prepared.delivery.delivery_count + 1} times without an outcome",
-            )
-        if prepared.invalid is not None:
-            return self._finish(prepared, Status.REJECTED, "invalid_command", prepared.invalid)
+        poisoned = prepared.delivery.delivery_count >= self._policy.delivery_limit - 1
+        if prepared.invalid is not None or (poisoned and prepared.command is None):
+            return self._reject_unusable(prepared, poisoned)
         assert prepared.command is not None and prepared.command_id is not None
         now = self._clock()
-        claim = self._store.claim(
-            prepared.command_id, prepared.fingerprint, now=now, lease_s=self._policy.lease_s
-        )
+        try:
+            claim = self._store.claim(
+                prepared.command_id, prepared.fingerprint, now=now, lease_s=self._policy.lease_s
+            )
+        except StoreError:
+            if not poisoned:
+                raise
+            return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
         if claim.state is ClaimState.DONE:
-            assert claim.outcome is not None
             return self._replay(prepared, claim)
         if claim.state is ClaimState.CONFLICT:
             return self._finish(
@@ -215,7 +214,17 @@ class Processor:
                 Status.REJECTED,
                 "idempotency_conflict",
                 "an earlier command with this command_id had a different body",
-                attempts=0,
+            )
+        if poisoned:  # its one outcome, recorded when the claim is ours
+            if claim.token is None:
+                return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
+            return self._record(
+                prepared,
+                claim.token,
+                Status.FAILED,
+                "poison_message",
+                _poison(prepared),
+                claim.attempts,
             )
         if claim.state is ClaimState.BUSY:
             wait = (claim.lease_until or now) - now
@@ -226,6 +235,13 @@ class Processor:
                 attempts=claim.attempts,
             )
         return self._send(prepared, claim, now)
+
+    def _reject_unusable(self, prepared: Prepared, poisoned: bool) -> Decision:
+        if poisoned:
+            return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
+        return self._finish(
+            prepared, Status.REJECTED, "invalid_command", prepared.invalid or "invalid"
+        )
 
     def _replay(self, prepared: Prepared, claim: Claim) -> Decision:
         assert claim.outcome is not None
@@ -418,6 +434,11 @@ class Processor:
             park=status in (Status.REJECTED, Status.FAILED),
             command_id=prepared.command_id,
         )
+
+
+def _poison(prepared: Prepared) -> str:
+    count = prepared.delivery.delivery_count + 1
+    return f"delivered {count} times without an outcome: parked, not processed again"
 
 
 class _LeaseLost(Exception):
