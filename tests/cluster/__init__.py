@@ -1,0 +1,1 @@
+"""A throw-away local RabbitMQ cluster (three private nodes) and the worker's failover test."""
