@@ -194,6 +194,8 @@ class RabbitCluster:
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "ERL_EPMD_ADDRESS": "127.0.0.1",
+            # A CLI call that dies during teardown must not drop a dump in the caller's cwd.
+            "ERL_CRASH_DUMP": str(self.dir / "erl_crash.dump"),
             "ERL_FLAGS": "-kernel inet_dist_use_interface {127,0,0,1}",
             "RABBITMQ_CONF_ENV_FILE": str(self.dir / "rabbitmq-env.conf"),
             "RABBITMQ_NODENAME": node.name,
