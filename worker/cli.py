@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import uuid
@@ -27,8 +28,10 @@ app = typer.Typer(
 )
 topology_app = typer.Typer(no_args_is_help=True, help="Declare or export the broker topology.")
 schemas_app = typer.Typer(no_args_is_help=True, help="Write or check schemas/*.json.")
+parked_app = typer.Typer(no_args_is_help=True, help="Inspect and replay parked commands.")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
+app.add_typer(parked_app, name="parked")
 
 ConfigOption = Annotated[
     Path | None,
@@ -122,10 +125,11 @@ def send(
         except InvalidCommand as exc:
             raise _fail(2, f"invalid command: {exc}") from None
         message_id = command.command_id or message_id
-    else:
-        data = _guard(lambda: parse_json(body))
-        if isinstance(data, dict) and isinstance(data.get("command_id"), str):
-            message_id = data["command_id"]
+    else:  # published as it is, JSON or not
+        with contextlib.suppress(InvalidCommand):
+            data = parse_json(body)
+            if isinstance(data, dict) and isinstance(data.get("command_id"), str):
+                message_id = data["command_id"]
     settings = _settings(config)
 
     def publish() -> dict[str, Any] | None:
@@ -142,6 +146,282 @@ def send(
             raise _fail(1, f"no outcome for {message_id} within {wait:g} s")
         typer.echo(json.dumps(outcome, indent=2, ensure_ascii=False))
         raise typer.Exit(0 if outcome["data"]["status"] == "accepted" else 1)
+
+
+@app.command()
+def batch(
+    file: Annotated[Path, typer.Argument(help="CSV (vendor field names as header) or JSON Lines.")],
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcomes; 0: don't.")] = 0,
+    results: Annotated[
+        Path | None,
+        typer.Option("--results", help="Write command_id,status,error_code,attempts (CSV) here."),
+    ] = None,
+    skip_invalid: Annotated[
+        bool, typer.Option("--skip-invalid", help="Publish the valid rows, report the others.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
+    from worker.batch import BatchFileError, load_batch
+
+    if wait < 0:
+        raise _fail(2, "--wait: must be 0 or more seconds")
+    settings = _settings(config)
+    try:
+        loaded = load_batch(file)
+    except BatchFileError as exc:
+        raise _fail(2, f"{file}: {exc}") from None
+    for error in loaded.errors:
+        typer.echo(f"{file}: {error}", err=True)
+    if loaded.errors and not skip_invalid:
+        raise _fail(
+            2,
+            f"{loaded.invalid_rows} of {loaded.rows} rows are invalid; nothing was published"
+            " (fix them, or pass --skip-invalid)",
+        )
+    if not loaded.commands:
+        raise _fail(2, f"{file}: no valid command to publish")
+    out = _open_for_writing(results, "--results")
+    try:
+        code = _run_batch(settings, file, loaded, wait, out)
+    finally:
+        if out is not None:
+            out.close()
+    raise typer.Exit(code)
+
+
+def _open_for_writing(path: Path | None, option: str) -> Any:
+    if path is None:
+        return None
+    try:
+        return path.open("w", encoding="utf-8", newline="")
+    except OSError as exc:
+        raise _fail(2, f"{option}: cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _run_batch(settings: Settings, file: Path, loaded: Any, wait: float, out: Any) -> int:
+    from worker.batch import NOT_PUBLISHED, BatchRun, CommandResult, make_progress, run_batch
+    from worker.batch import write_results as write
+    from worker.producer import Producer
+
+    def publish() -> BatchRun:
+        with Producer(settings) as producer:
+            return run_batch(producer, loaded.commands, wait=wait, progress=make_progress())
+
+    try:
+        run = _guard(publish)
+    except typer.Exit:
+        if out is not None:
+            write(out, (CommandResult(c.command_id, NOT_PUBLISHED) for c in loaded.commands))
+        raise
+    except KeyboardInterrupt:
+        raise _fail(1, "interrupted; running the same file again sends no command twice") from None
+    if out is not None:
+        write(out, run.results)
+    merged = f", {loaded.merged_rows} duplicate rows merged" if loaded.merged_rows else ""
+    skipped = f", {loaded.invalid_rows} invalid rows skipped" if loaded.invalid_rows else ""
+    typer.echo(f"{file}: {loaded.rows} rows, {len(loaded.commands)} commands{merged}{skipped}")
+    typer.echo(f"published {run.published} of {len(run.results)} commands")
+    if run.waited:
+        counts = run.counts()
+        typer.echo("outcomes: " + ", ".join(f"{k} {counts[k]}" for k in sorted(counts)))
+    if run.error:
+        typer.echo(
+            f"pabx-worker: publishing stopped: {run.error}; running the same file again"
+            " sends no command twice",
+            err=True,
+        )
+    return run.exit_code
+
+
+CodeOption = Annotated[
+    list[str] | None,
+    typer.Option("--code", help="Only messages with this error code (repeatable)."),
+]
+OlderOption = Annotated[
+    str | None,
+    typer.Option("--older-than", help="Only messages parked longer ago (seconds, 90s, 15m, 2h)."),
+]
+NewerOption = Annotated[
+    str | None,
+    typer.Option("--newer-than", help="Only messages parked more recently (seconds, 15m …)."),
+]
+
+
+def _parked_filter(code: list[str] | None, older: str | None, newer: str | None) -> Any:
+    from worker.parked import ParkedFilter, parse_duration
+
+    ages: dict[str, float | None] = {}
+    for option, value in (("--older-than", older), ("--newer-than", newer)):
+        try:
+            ages[option] = None if value is None else parse_duration(value)
+        except ValueError as exc:
+            raise _fail(2, f"{option}: {exc}") from None
+    return ParkedFilter(frozenset(code or ()), ages["--older-than"], ages["--newer-than"])
+
+
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    whole = int(seconds)
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60)):
+        if whole >= size:
+            return f"{whole // size}{unit}{(whole % size) // sub_size:02d}{sub}"
+    return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
+
+
+def _browse(settings: Settings, where: Any, limit: int | None) -> tuple[int, list[Any]]:
+    from worker.parked import ParkedQueue
+    from worker.producer import Producer
+
+    def browse() -> tuple[int, list[Any]]:
+        with Producer(settings) as producer:
+            return ParkedQueue(producer).browse(where=where, limit=limit)
+
+    return _guard(browse)
+
+
+@parked_app.command("list")
+def parked_list(
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List parked commands with reason, age and attempts (without consuming them)."""
+    from datetime import UTC, datetime
+
+    where = _parked_filter(code, older_than, newer_than)
+    settings = _settings(config)
+    depth, found = _browse(settings, where, limit)
+    now = datetime.now(UTC)
+    if as_json:
+        typer.echo(json.dumps([m.summary(now) for m in found], indent=2, ensure_ascii=False))
+        return
+    typer.echo(f"{len(found)} shown of {depth} parked in {settings.parked_queue}", err=True)
+    if found:
+        typer.echo(
+            f"{'#':>5}  {'command_id':<40} {'status':<9}{'code':<21}{'att':>3}  {'age':>7}  reason"
+        )
+    for m in found:
+        attempts = "-" if m.attempts is None else str(m.attempts)
+        typer.echo(
+            f"{m.position:>5}  {(m.command_id or '-'):<40} {(m.status or '-'):<9}"
+            f"{m.error_code:<21}{attempts:>3}  {_age(m.age(now)):>7}  {m.reason[:100]}"
+        )
+
+
+@parked_app.command("show")
+def parked_show(
+    command_id: Annotated[str, typer.Argument(help="Command id (or AMQP message/correlation id).")],
+    as_json: Annotated[bool, typer.Option("--json", help="JSON, for scripts.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show the parked copies of one command: why, when, attempts, headers and body."""
+    from datetime import UTC, datetime
+
+    from worker.parked import ParkedFilter
+
+    settings = _settings(config)
+    depth, every = _browse(settings, ParkedFilter(), None)
+    ids = ("message_id", "correlation_id")
+    found = [
+        m
+        for m in every
+        if command_id == m.command_id or command_id in (str(m.properties.get(k)) for k in ids)
+    ]
+    if not found:
+        raise _fail(1, f"no parked message with id {command_id!r} among {depth} parked")
+    now = datetime.now(UTC)
+    if as_json:
+        typer.echo(json.dumps([_shown(m, now) for m in found], indent=2, ensure_ascii=False))
+        return
+    for m in found:
+        for name, value in _shown(m, now).items():
+            if name != "body":
+                typer.echo(f"{name + ':':<16}{value}")
+        typer.echo("body:")
+        typer.echo(_shown(m, now)["body"])
+
+
+def _shown(message: Any, now: Any) -> dict[str, Any]:
+    from worker.parked import pretty_body
+
+    summary = message.summary(now)
+    summary["age"] = _age(summary.pop("age_s"))
+    props = {k: v for k, v in message.properties.items() if k != "delivery_mode"}
+    return {
+        **summary,
+        "properties": {k: _plain(v) for k, v in props.items()},
+        "headers": {k: _plain(v) for k, v in message.headers.items()},
+        "body": pretty_body(message.body),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """AMQP header values as JSON can show them."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+@parked_app.command("replay")
+def parked_replay(
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many.")] = None,
+    rate: Annotated[
+        float | None, typer.Option(min=0.001, help="At most this many messages per second.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would move.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Move parked commands back to the commands exchange; ack each once confirmed."""
+    from datetime import UTC, datetime
+
+    from worker.parked import ParkedMessage, ParkedQueue, ReplayReport
+    from worker.producer import Producer
+
+    where = _parked_filter(code, older_than, newer_than)
+    settings = _settings(config)
+    now = datetime.now(UTC)
+
+    def said(m: ParkedMessage, ok: bool, reason: str | None) -> None:
+        what = f"{m.command_id or '-'} ({m.error_code}, parked {_age(m.age(now))} ago)"
+        typer.echo(f"replayed {what}" if ok else f"NOT replayed {what}: {reason}")
+
+    def replay() -> ReplayReport:
+        with Producer(settings) as producer:
+            return ParkedQueue(producer).replay(
+                where=where, limit=limit, rate=rate, dry_run=dry_run, on_replayed=said
+            )
+
+    try:
+        report = _guard(replay)
+    except KeyboardInterrupt:
+        raise _fail(1, "interrupted; what was not moved is still parked") from None
+    if dry_run:
+        for m in report.selected:
+            typer.echo(f"would replay {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
+    verb = "would replay" if dry_run else "replayed"
+    moved = len(report.selected) if dry_run else len(report.replayed)
+    typer.echo(
+        f"{verb} {moved} of {len(report.selected)} matching ({report.scanned} looked at)"
+        f" from {settings.parked_queue} to {settings.commands_exchange}",
+        err=True,
+    )
+    if report.error:
+        typer.echo(f"pabx-worker: replay stopped: {report.error}; nothing was lost", err=True)
+    raise typer.Exit(0 if report.ok else 1)
 
 
 @topology_app.command("declare")

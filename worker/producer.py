@@ -10,11 +10,14 @@ Used by ``pabx-worker send`` and ``demo``; usable from any Python program::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from kombu import Connection
@@ -25,7 +28,72 @@ from worker.publisher import ConfirmingPublisher, Publication
 from worker.settings import Settings
 from worker.topology import Topology
 
-__all__ = ["Producer"]
+__all__ = ["Outgoing", "Producer", "PublishReport", "raw_body"]
+
+
+#: Publications in flight before :meth:`Producer.publish_messages` waits for confirms.
+DEFAULT_WINDOW = 512
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One message for :meth:`Producer.publish_messages`.
+
+    ``properties`` are AMQP basic properties (``content_type``, ``message_id``,
+    ``correlation_id``, ``reply_to``, ``timestamp``, ``application_headers`` …);
+    ``delivery_mode`` is always 2 (persistent). ``context`` is the caller's, untouched.
+    """
+
+    body: bytes
+    properties: Mapping[str, Any] = field(default_factory=dict)
+    context: Any = None
+
+    @classmethod
+    def command(cls, body: bytes, command_id: str, context: Any = None) -> Outgoing:
+        """A command as ``send`` and ``batch`` publish it: JSON, ids set to the command id."""
+        props = {
+            "content_type": "application/json",
+            "correlation_id": command_id,
+            "message_id": command_id,
+        }
+        return cls(body, props, context)
+
+    @property
+    def correlation_id(self) -> str | None:
+        value = self.properties.get("correlation_id")
+        return str(value) if value is not None else None
+
+    def return_key(self) -> tuple[str | None, str]:
+        """What identifies this message when the broker returns it (unroutable)."""
+        return self.correlation_id, hashlib.sha256(self.body).hexdigest()
+
+
+@dataclass
+class PublishReport:
+    """What became of each message given to :meth:`Producer.publish_messages`."""
+
+    confirmed: list[Outgoing] = field(default_factory=list)
+    #: Refused (nack) or returned as unroutable, with the reason.
+    failed: list[tuple[Outgoing, str]] = field(default_factory=list)
+    #: Published but not confirmed when the connection failed: may or may not be queued.
+    unsettled: list[Outgoing] = field(default_factory=list)
+    #: Why publishing stopped early (connection lost, no confirms), else None.
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.unsettled and self.error is None
+
+
+OnSettled = Callable[[Outgoing, bool, str | None], None]
+
+
+def raw_body(message: Any) -> bytes:
+    """A py-amqp message's body as bytes (py-amqp decodes it when it names an encoding)."""
+    body = message.body
+    if isinstance(body, str):
+        return body.encode(message.properties.get("content_encoding") or "utf-8")
+    return bytes(body)
 
 
 class Producer:
@@ -40,10 +108,11 @@ class Producer:
                 Topology.from_settings(settings).declare, _broker_call(self._connection.channel)
             )
         self._failed: list[str] = []
-        self._publisher = ConfirmingPublisher(
-            _broker_call(self._connection.channel),
-            on_return=lambda m: self._failed.append(m.properties.get("correlation_id", "?")),
-        )
+        #: Set while :meth:`publish_messages` runs: it takes the returns.
+        self._returns: Counter[tuple[str | None, str]] | None = None
+        publishing = _broker_call(self._connection.channel)
+        publishing.auto_decode = False  # returned bodies stay the bytes that were sent
+        self._publisher = ConfirmingPublisher(publishing, on_return=self._returned)
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}
 
@@ -130,3 +199,152 @@ class Producer:
                 if isinstance(exc.__cause__, TimeoutError | socket.timeout):
                     continue
                 raise
+
+    # -- many messages, pipelined ---------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def channel(self) -> Any:
+        """A new py-amqp channel on this producer's connection (e.g. to read a queue)."""
+        return _broker_call(self._connection.channel)
+
+    def publish_messages(
+        self,
+        messages: Iterable[Outgoing],
+        *,
+        reply: bool = False,
+        exchange: str | None = None,
+        routing_key: str | None = None,
+        window: int = DEFAULT_WINDOW,
+        rate: float | None = None,
+        timeout: float = 30.0,
+        on_settled: OnSettled | None = None,
+    ) -> PublishReport:
+        """Publish with ``mandatory`` and pipelined confirms; report each message's fate.
+
+        At most ``window`` messages wait for their confirm at once; ``rate`` caps the
+        messages sent per second. ``on_settled(message, ok, reason)`` runs as each
+        confirm (or refusal) arrives. The iterable is consumed lazily, so it may read
+        from the broker itself. Connection loss does not raise: ``report.error`` says
+        why publishing stopped and ``report.unsettled`` lists what was not confirmed.
+        """
+        run = _PublishRun(self, on_settled)
+        self._returns = Counter()
+        try:
+            self._publish_all(run, messages, reply, exchange, routing_key, window, rate, timeout)
+        except BrokerError as exc:
+            run.report.error = str(exc)
+        finally:
+            self._returns = None
+        run.report.unsettled.extend(run.pending.values())
+        return run.report
+
+    def _publish_all(
+        self,
+        run: _PublishRun,
+        messages: Iterable[Outgoing],
+        reply: bool,
+        exchange: str | None,
+        routing_key: str | None,
+        window: int,
+        rate: float | None,
+        timeout: float,
+    ) -> None:
+        target = (
+            self._settings.commands_exchange if exchange is None else exchange,
+            self._settings.routing_key if routing_key is None else routing_key,
+        )
+        extra = {"reply_to": self.reply_queue} if reply else {}
+        started = time.monotonic()
+        for count, message in enumerate(messages):
+            if rate is not None:
+                self._drain_for(started + count / rate - time.monotonic())
+            if len(run.pending) >= window:
+                self._await_confirms(run, lambda: len(run.pending) < window, timeout)
+            props = {"timestamp": int(time.time()), **extra, **message.properties}
+            props.pop("delivery_mode", None)
+            publication = Publication(message.body, *target, props, mandatory=True)
+            key = run.add(message)
+            _broker_call(self._publisher.publish, publication, lambda ok, k=key: run.settle(k, ok))
+        self._await_confirms(run, lambda: not run.pending, timeout)
+
+    def _await_confirms(self, run: _PublishRun, done: Callable[[], bool], timeout: float) -> None:
+        """Drain until ``done()``; a broker that confirms nothing for ``timeout`` s is an error."""
+        while not done():
+            settled = run.settled
+            self._drain_until(lambda s=settled: done() or run.settled != s, timeout)
+            if not done() and run.settled == settled:
+                raise BrokerError(f"no publisher confirm from the broker within {timeout:g} s")
+
+    def _drain_for(self, seconds: float) -> None:
+        if seconds > 0:
+            self._drain_until(lambda: False, seconds)
+
+    def _returned(self, message: Any) -> None:
+        correlation_id = message.properties.get("correlation_id")
+        if self._returns is None:
+            self._failed.append(correlation_id or "?")
+            return
+        body = raw_body(message)
+        cid = str(correlation_id) if correlation_id is not None else None
+        self._returns[(cid, hashlib.sha256(body).hexdigest())] += 1
+
+    def _take_return(self, message: Outgoing) -> bool:
+        """Whether the broker returned this message (its confirm follows the return)."""
+        key = message.return_key()
+        if self._returns is None or not self._returns.get(key):
+            return False
+        self._returns[key] -= 1
+        return True
+
+    def wait_for(
+        self,
+        correlation_ids: Iterable[str],
+        timeout: float,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Like :meth:`wait_outcomes`, reporting the number received so far to ``progress``."""
+        wanted = set(correlation_ids)
+        deadline = time.monotonic() + timeout
+        while True:
+            have = wanted & self._outcomes.keys()
+            if progress is not None:
+                progress(len(have))
+            left = deadline - time.monotonic()
+            if have == wanted or left <= 0:
+                return {cid: self._outcomes[cid] for cid in have}
+            self._drain_until(lambda: wanted <= self._outcomes.keys(), min(left, 0.25))
+
+
+class _PublishRun:
+    """Book-keeping of one :meth:`Producer.publish_messages` call."""
+
+    def __init__(self, producer: Producer, on_settled: OnSettled | None) -> None:
+        self.producer = producer
+        self.on_settled = on_settled
+        self.report = PublishReport()
+        self.pending: dict[int, Outgoing] = {}
+        self.settled = 0
+        self._next = 0
+
+    def add(self, message: Outgoing) -> int:
+        self._next += 1
+        self.pending[self._next] = message
+        return self._next
+
+    def settle(self, key: int, ok: bool) -> None:
+        message = self.pending.pop(key)
+        self.settled += 1
+        reason = None
+        if not ok:
+            reason = "the broker refused the message (nack)"
+        elif self.producer._take_return(message):
+            reason = "unroutable: no queue is bound for it (returned by the broker)"
+        if reason is None:
+            self.report.confirmed.append(message)
+        else:
+            self.report.failed.append((message, reason))
+        if self.on_settled is not None:
+            self.on_settled(message, reason is None, reason)
