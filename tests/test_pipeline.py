@@ -321,3 +321,25 @@ def test_invalid_poison_message_fails_as_poison(clock: Clock) -> None:
     decision = run(make(FakePabx(), clock, delivery_limit=5), delivery(b"{", delivery_count=4))
     assert decision.status is Status.FAILED
     assert decision.error is not None and decision.error.code == "poison_message"
+
+
+def test_replayed_failed_command_is_sent_again_under_a_new_event_id(clock: Clock) -> None:
+    pabx = FakePabx([403])
+    processor = make(pabx, clock)
+    failed = run(processor, delivery())
+    assert failed.status is Status.FAILED
+    replayed = run(processor, delivery(headers={"x-pabx-replay": 1}))
+    assert replayed.status is Status.ACCEPTED and not replayed.duplicate
+    assert event(replayed).id != event(failed).id and event(replayed).data.attempts == 2
+    again = run(processor, delivery(headers={"x-pabx-replay": 1}))  # a redelivered replay
+    assert again.duplicate and event(again).id == event(replayed).id
+    assert len(pabx.requests) == 2
+
+
+def test_replaying_an_accepted_command_never_sends_it_again(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock)
+    accepted = run(processor, delivery())
+    replayed = run(processor, delivery(headers={"x-pabx-replay": 1}))
+    assert replayed.duplicate and event(replayed).id == event(accepted).id
+    assert len(pabx.requests) == 1

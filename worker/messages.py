@@ -20,13 +20,17 @@ from worker.errors import InvalidCommand
 from worker.models import MAX_COMMAND_BYTES, RedirectCommand
 
 __all__ = [
+    "REPLAY_HEADER",
     "Delivery",
     "decode_command",
     "event_id_for",
     "fingerprint",
     "raw_event_id",
+    "replay_generation",
 ]
 
+#: Header ``parked replay`` sets on the copies it sends back: the replay generation.
+REPLAY_HEADER = "x-pabx-replay"
 #: Namespace of the deterministic outcome event ids (uuid5).
 EVENT_NAMESPACE = uuid.UUID("8f6a7c52-4b0e-5d2c-9a51-3c1f6e0b7d24")
 _ACCEPTED_CONTENT_TYPES = frozenset({"", "application/json"})
@@ -156,9 +160,16 @@ def fingerprint(command: RedirectCommand) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def event_id_for(command_id: str, body_fingerprint: str) -> str:
-    """Deterministic id of a command's outcome event."""
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{command_id}\n{body_fingerprint}"))
+def event_id_for(command_id: str, body_fingerprint: str, replay: int = 0) -> str:
+    """Deterministic id of a command's outcome event; each operator replay gets its own."""
+    suffix = f"\nreplay {replay}" if replay else ""
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{command_id}\n{body_fingerprint}{suffix}"))
+
+
+def replay_generation(headers: Mapping[str, Any]) -> int:
+    """How many times an operator replayed a command from the parked queue (0: never)."""
+    value = headers.get(REPLAY_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
 def raw_event_id(body: bytes, command_id: str | None = None) -> str:

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.consumer import _broker_call
-from worker.messages import Delivery, readable_command_id
+from worker.messages import REPLAY_HEADER, Delivery, readable_command_id, replay_generation
 from worker.producer import Outgoing, Producer, raw_body
 
 __all__ = [
@@ -193,8 +193,9 @@ def replay_properties(message: ParkedMessage) -> dict[str, Any]:
     """The properties of the copy sent back: the producer's own, headers cleaned."""
     props = {k: v for k, v in message.properties.items() if k not in DROPPED_PROPERTIES}
     headers = clean_headers(message.headers)
-    if headers:
-        props["application_headers"] = headers
+    # A new generation: the worker may send a command again whose outcome was not accepted.
+    headers[REPLAY_HEADER] = replay_generation(message.headers) + 1
+    props["application_headers"] = headers
     return props
 
 

@@ -41,6 +41,7 @@ from worker.messages import (
     fingerprint,
     raw_event_id,
     readable_command_id,
+    replay_generation,
 )
 from worker.models import ErrorInfo, PabxInfo, RedirectCommand, Status
 from worker.outcomes import as_duplicate, build_event, encode
@@ -168,7 +169,7 @@ class Processor:
         body_fp = fingerprint(command)
         return Prepared(
             delivery,
-            event_id_for(command.command_id, body_fp),
+            event_id_for(command.command_id, body_fp, replay_generation(delivery.headers)),
             command.command_id,
             command,
             body_fp,
@@ -206,6 +207,11 @@ class Processor:
             if not poisoned:
                 raise
             return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
+        if claim.state is ClaimState.DONE and self._replayed_after(prepared, claim):
+            assert claim.outcome is not None
+            claim = self._store.reopen(
+                prepared.command_id, claim.outcome, now=now, lease_s=self._policy.lease_s
+            )
         if claim.state is ClaimState.DONE:
             return self._replay(prepared, claim)
         if claim.state is ClaimState.CONFLICT:
@@ -242,6 +248,15 @@ class Processor:
         return self._finish(
             prepared, Status.REJECTED, "invalid_command", prepared.invalid or "invalid"
         )
+
+    @staticmethod
+    def _replayed_after(prepared: Prepared, claim: Claim) -> bool:
+        """An operator replayed a command that did not end accepted: it may go out again."""
+        assert claim.outcome is not None
+        if replay_generation(prepared.delivery.headers) == 0:
+            return False
+        stored = json.loads(claim.outcome)
+        return bool(stored["id"] != prepared.event_id and stored["data"]["status"] != "accepted")
 
     def _replay(self, prepared: Prepared, claim: Claim) -> Decision:
         assert claim.outcome is not None

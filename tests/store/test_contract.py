@@ -293,6 +293,130 @@ def test_release_after_record_does_nothing(store: Store) -> None:
     assert done.attempts == 1
 
 
+# -- reopen ---------------------------------------------------------------------------------
+
+
+def _done(store: Store, command_id: str, outcome: bytes, attempts: int = 2) -> str:
+    """Claim, send and finish ``command_id``; returns the (now dead) token."""
+    first = store.claim(command_id, FP, now=T0, lease_s=LEASE)
+    assert first.state is ClaimState.NEW and first.token is not None
+    assert store.mark_sent(command_id, first.token, attempts, now=T0 + 1, lease_s=LEASE)
+    assert store.record(command_id, first.token, outcome, attempts) == outcome
+    return first.token
+
+
+def test_reopen_with_the_stored_outcome_claims_the_command(store: Store) -> None:
+    old_token = _done(store, "c1", b"old\x00\xff", attempts=2)
+    reopened = store.reopen("c1", b"old\x00\xff", now=T0 + 5, lease_s=LEASE)
+    assert reopened.state is ClaimState.NEW
+    assert reopened.token and reopened.token != old_token
+    assert reopened.attempts == 2
+    assert reopened.first_seen == T0
+    assert reopened.outcome is None
+    assert reopened.lease_until is None
+    # The replay holds a live lease: a claim of the same id and body is BUSY.
+    busy = store.claim("c1", FP, now=T0 + 6, lease_s=LEASE)
+    assert busy.state is ClaimState.BUSY
+    assert busy.lease_until == T0 + 5 + LEASE
+    assert busy.attempts == 2
+    assert busy.first_seen == T0
+    # The fingerprint is kept: another body is still a conflict.
+    assert store.claim("c1", OTHER_FP, now=T0 + 6, lease_s=LEASE).state is ClaimState.CONFLICT
+    # Only the new token can send.
+    assert not store.mark_sent("c1", old_token, 3, now=T0 + 7, lease_s=LEASE)
+    assert store.mark_sent("c1", reopened.token, 3, now=T0 + 7, lease_s=LEASE)
+
+
+def test_record_after_reopen_stores_the_new_outcome(store: Store) -> None:
+    _done(store, "c1", b"old", attempts=2)
+    reopened = store.reopen("c1", b"old", now=T0 + 5, lease_s=LEASE)
+    assert reopened.state is ClaimState.NEW and reopened.token is not None
+    assert store.mark_sent("c1", reopened.token, 3, now=T0 + 6, lease_s=LEASE)
+    assert store.record("c1", reopened.token, b"new", 3) == b"new"
+    done = store.claim("c1", FP, now=T0 + 7, lease_s=LEASE)
+    assert done.state is ClaimState.DONE
+    assert done.outcome == b"new"
+    assert done.attempts == 3
+    assert done.first_seen == T0
+
+
+def test_reopen_with_a_stale_outcome_is_done_with_the_stored_one(store: Store) -> None:
+    _done(store, "c1", b"old", attempts=2)
+    reopened = store.reopen("c1", b"old", now=T0 + 5, lease_s=LEASE)
+    assert reopened.token is not None
+    store.record("c1", reopened.token, b"new", 2)
+    # A second operator replays from the old outcome: the newer one is answered, untouched.
+    for stale in (b"old", b"ne", b"new ", b""):
+        late = store.reopen("c1", stale, now=T0 + 6, lease_s=LEASE)
+        assert late.state is ClaimState.DONE
+        assert late.outcome == b"new"
+        assert late.token is None
+        assert late.attempts == 2
+        assert late.first_seen == T0
+    assert store.claim("c1", FP, now=T0 + 7, lease_s=LEASE).outcome == b"new"
+
+
+def test_reopen_of_an_empty_outcome(store: Store) -> None:
+    _done(store, "c1", b"", attempts=1)
+    assert store.reopen("c1", b"x", now=T0 + 5, lease_s=LEASE).state is ClaimState.DONE
+    assert store.reopen("c1", b"", now=T0 + 5, lease_s=LEASE).state is ClaimState.NEW
+
+
+def test_reopen_answers_what_claim_would_once_reopened(store: Store) -> None:
+    _done(store, "c1", b"old", attempts=2)
+    first = store.reopen("c1", b"old", now=T0 + 5, lease_s=LEASE)
+    assert first.state is ClaimState.NEW and first.token is not None
+    # Another replay of the same outcome while the first holds its lease: BUSY.
+    busy = store.reopen("c1", b"old", now=T0 + 6, lease_s=LEASE)
+    assert busy.state is ClaimState.BUSY
+    assert busy.lease_until == T0 + 5 + LEASE
+    assert busy.token is None
+    # The first replay sends, then its lease lapses: the next one takes it over.
+    assert store.mark_sent("c1", first.token, 3, now=T0 + 7, lease_s=LEASE)
+    taken = store.reopen("c1", b"old", now=T0 + 7 + LEASE, lease_s=LEASE)
+    assert taken.state is ClaimState.TAKEOVER
+    assert taken.attempts == 3
+    assert taken.token and taken.token != first.token
+    # Released: the next one gets it at once.
+    store.release("c1", taken.token, 3)
+    again = store.reopen("c1", b"old", now=T0 + 8 + LEASE, lease_s=LEASE)
+    assert again.state is ClaimState.NEW
+    assert again.token and again.token != taken.token
+    assert store.claim("c1", FP, now=T0 + 9 + LEASE, lease_s=LEASE).state is ClaimState.BUSY
+
+
+def test_reopen_of_a_command_without_an_outcome_is_busy(store: Store) -> None:
+    first = store.claim("c1", FP, now=T0, lease_s=LEASE)
+    assert first.token is not None
+    busy = store.reopen("c1", b"x", now=T0 + 1, lease_s=LEASE)
+    assert busy.state is ClaimState.BUSY
+    assert busy.lease_until == T0 + LEASE
+    assert store.mark_sent("c1", first.token, 1, now=T0 + 2, lease_s=LEASE)
+
+
+def test_reopen_of_an_unknown_id_is_conflict_and_creates_nothing(store: Store) -> None:
+    unknown = store.reopen("nope", b"x", now=T0, lease_s=LEASE)
+    assert unknown.state is ClaimState.CONFLICT
+    assert unknown.first_seen == T0
+    assert unknown.attempts == 0
+    assert unknown.token is None
+    assert unknown.outcome is None
+    assert store.reopen("nope", b"", now=T0, lease_s=LEASE).state is ClaimState.CONFLICT
+    # Nothing was created: the first claim is still NEW, first seen now.
+    first = store.claim("nope", FP, now=T0 + 1, lease_s=LEASE)
+    assert first.state is ClaimState.NEW
+    assert first.first_seen == T0 + 1
+
+
+def test_reopen_after_purge_is_conflict(store: Store) -> None:
+    _done(store, "c1", b"old")
+    if isinstance(store, RedisStore):  # retention is the TTL: delete the key as expiry would
+        assert store._client.delete(store._key("c1")) == 1
+    else:
+        assert store.purge(older_than=T0 + 10) == 1
+    assert store.reopen("c1", b"old", now=T0 + 11, lease_s=LEASE).state is ClaimState.CONFLICT
+
+
 # -- purge, ping ----------------------------------------------------------------------------
 
 
@@ -347,6 +471,37 @@ def test_threads_claiming_the_same_ids_get_one_new_each(store: Store) -> None:
     assert wins == Counter({command_id: 1 for command_id in ids})
 
 
+def test_threads_reopening_the_same_outcome_get_one_new_each(store: Store) -> None:
+    ids = [f"t{i}" for i in range(20)]
+    for command_id in ids:
+        _done(store, command_id, b"outcome-" + command_id.encode())
+    barrier = threading.Barrier(16)
+    answers: Counter[tuple[str, ClaimState]] = Counter()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=20)
+            for command_id in ids:
+                outcome = b"outcome-" + command_id.encode()
+                state = store.reopen(command_id, outcome, now=T0 + 5, lease_s=LEASE).state
+                with lock:
+                    answers[command_id, state] += 1
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=50)
+    assert not errors
+    expected = Counter({(c, ClaimState.NEW): 1 for c in ids})
+    expected.update({(c, ClaimState.BUSY): 15 for c in ids})
+    assert answers == expected
+
+
 # -- Redis specifics ----------------------------------------------------------------------
 
 
@@ -378,8 +533,19 @@ def test_redis_ttl_is_set_and_refreshed_on_every_write(redis_url: str) -> None:
         client.expire(key, 100)
         store.claim("c1", FP, now=T0 + 3, lease_s=LEASE)
         store.claim("c1", OTHER_FP, now=T0 + 3, lease_s=LEASE)
+        assert store.reopen("c1", b"stale", now=T0 + 3, lease_s=LEASE).state is ClaimState.DONE
         assert _ttl(client, key) <= 100
         assert client.hget(key, "outcome") == b"x"
+        # A reopen that takes the command back is a write.
+        reopened = store.reopen("c1", b"x", now=T0 + 4, lease_s=LEASE)
+        assert reopened.state is ClaimState.NEW
+        assert retention - 5 <= _ttl(client, key) <= retention
+        assert client.hget(key, "outcome") is None
+        assert client.hget(key, "state") == b"claimed"
+        assert client.hget(key, "token") == (reopened.token or "").encode()
+        # A reopen of an unknown id creates no key.
+        assert store.reopen("c2", b"x", now=T0, lease_s=LEASE).state is ClaimState.CONFLICT
+        assert not client.exists(prefix + "c2")
 
 
 def test_redis_custom_retention_and_expiry(redis_url: str) -> None:
@@ -473,7 +639,7 @@ def _unreachable(kind: str, url: str) -> Store:
         ("postgres", "host=127.0.0.1 port=1 user=postgres password=s3cret dbname=test"),
     ],
 )
-@pytest.mark.parametrize("operation", ["ping", "claim", "mark_sent", "record", "release"])
+@pytest.mark.parametrize("operation", ["ping", "claim", "reopen", "mark_sent", "record", "release"])
 def test_unreachable_server_raises_store_error_without_password(
     kind: str, url: str, operation: str
 ) -> None:
@@ -481,6 +647,7 @@ def test_unreachable_server_raises_store_error_without_password(
     calls: dict[str, Any] = {
         "ping": lambda: store.ping(),
         "claim": lambda: store.claim("c1", FP, now=T0, lease_s=LEASE),
+        "reopen": lambda: store.reopen("c1", b"x", now=T0, lease_s=LEASE),
         "mark_sent": lambda: store.mark_sent("c1", "t", 1, now=T0, lease_s=LEASE),
         "record": lambda: store.record("c1", "t", b"x", 1),
         "release": lambda: store.release("c1", "t", 1),
@@ -536,13 +703,24 @@ def _open_spec(spec: tuple[str, str, str]) -> Store:
     return PostgresStore(target, table=extra)
 
 
+def _race_outcome(command_id: str) -> bytes:
+    return b"outcome\x00" + command_id.encode()
+
+
+def _race_step(store: Store, operation: str, command_id: str) -> ClaimState:
+    if operation == "reopen":
+        return store.reopen(command_id, _race_outcome(command_id), now=T0 + 5, lease_s=LEASE).state
+    return store.claim(command_id, FP, now=T0, lease_s=LEASE).state
+
+
 def _race(
     spec: tuple[str, str, str],
+    operation: str,
     ids: list[str],
     barrier: Any,
     results: Any,
 ) -> None:
-    """Runs in a spawned process: claim every id right after all processes are ready."""
+    """Runs in a spawned process: claim (or reopen) every id once all processes are ready."""
     try:
         store = _open_spec(spec)
         try:
@@ -551,7 +729,7 @@ def _race(
             won = [
                 command_id
                 for command_id in ids
-                if store.claim(command_id, FP, now=T0, lease_s=LEASE).state is ClaimState.NEW
+                if _race_step(store, operation, command_id) is ClaimState.NEW
             ]
         finally:
             store.close()
@@ -583,17 +761,25 @@ def _race_target(
             yield (kind, url, table)
 
 
+@pytest.mark.parametrize("operation", ["claim", "reopen"])
 @pytest.mark.parametrize("kind", ["sqlite", "redis", "postgres"])
 def test_processes_racing_for_the_same_ids_get_exactly_one_new_each(
-    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+    kind: str, operation: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     processes_n, ids = 8, [f"race-{i}" for i in range(50)]
     ctx = multiprocessing.get_context("spawn")
     with _race_target(kind, request, tmp_path) as spec:
+        if operation == "reopen":  # every id finished first, so there is something to reopen
+            setup = _open_spec(spec)
+            try:
+                for command_id in ids:
+                    _done(setup, command_id, _race_outcome(command_id))
+            finally:
+                setup.close()
         barrier = ctx.Barrier(processes_n)
         results = ctx.Queue()
         processes = [
-            ctx.Process(target=_race, args=(spec, ids, barrier, results))
+            ctx.Process(target=_race, args=(spec, operation, ids, barrier, results))
             for _ in range(processes_n)
         ]
         for process in processes:

@@ -5,11 +5,17 @@ a lease (owner token and expiry) while a worker handles it, how many PABX
 requests were made, and the outcome event once there is one::
 
     (none) --claim--> claimed --mark_sent--> sent --record--> done
-                         |                     |
-                         +------release--------+--> released (waits in a retry queue)
+                       ^ |                     |                |
+                       | +------release--------+--> released    |
+                       |                        (retry queue)   |
+                       +-------------------reopen---------------+
 
 A lease that lapses without an outcome lets another worker take the command
 over (``TAKEOVER``): a worker died, and the PABX may or may not have seen it.
+
+``reopen`` takes a finished command back (an operator replays it): the outcome
+is cleared and the caller holds a fresh lease, attempts kept, exactly as if it
+had claimed it ``NEW``; the next ``record`` stores the new outcome.
 """
 
 from __future__ import annotations
@@ -61,6 +67,20 @@ class Store(Protocol):
 
     def record(self, command_id: str, token: str, outcome: bytes, attempts: int) -> bytes:
         """Store the outcome; returns the outcome now stored (an earlier one wins)."""
+        ...
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        """Take back a finished command so it can be sent again (an operator replayed it).
+
+        Atomically: if the stored outcome is exactly ``outcome``, clear it and claim the
+        command for this caller (state claimed, fresh token, lease ``now + lease_s``,
+        attempts kept) and return ``Claim(NEW, first_seen, attempts, token)``. Otherwise
+        return, and do, what :meth:`claim` would for the stored record's own fingerprint:
+        ``DONE`` with the newer outcome, ``BUSY`` while another replay holds a live lease,
+        ``NEW``/``TAKEOVER`` (lease taken) once that replay released it or its lease lapsed.
+        An unknown id (never seen, or purged) creates nothing and returns
+        ``Claim(CONFLICT, now)``: the caller treats it as a conflict.
+        """
         ...
 
     def release(self, command_id: str, token: str, attempts: int) -> None:

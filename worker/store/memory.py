@@ -39,19 +39,31 @@ class MemoryStore:
                 return self._take(record, ClaimState.NEW, now, lease_s)
             if record.fingerprint != fingerprint:
                 return Claim(ClaimState.CONFLICT, record.first_seen, record.attempts)
-            if record.outcome is not None:
-                return Claim(
-                    ClaimState.DONE, record.first_seen, record.attempts, None, record.outcome
-                )
-            if record.state != "released" and record.lease_until > now:
-                return Claim(
-                    ClaimState.BUSY,
-                    record.first_seen,
-                    record.attempts,
-                    lease_until=record.lease_until,
-                )
-            state = ClaimState.TAKEOVER if record.state == "sent" else ClaimState.NEW
-            return self._take(record, state, now, lease_s)
+            return self._claim_existing(record, now, lease_s)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        with self._lock:
+            record = self._records.get(command_id)
+            if record is None:  # never seen or purged: nothing to take back
+                return Claim(ClaimState.CONFLICT, now)
+            if record.outcome is not None and record.outcome == outcome:
+                record.outcome = None
+                return self._take(record, ClaimState.NEW, now, lease_s)
+            return self._claim_existing(record, now, lease_s)
+
+    def _claim_existing(self, record: _Record, now: float, lease_s: float) -> Claim:
+        """What a claim with the record's own fingerprint finds (caller holds the lock)."""
+        if record.outcome is not None:
+            return Claim(ClaimState.DONE, record.first_seen, record.attempts, None, record.outcome)
+        if record.state != "released" and record.lease_until > now:
+            return Claim(
+                ClaimState.BUSY,
+                record.first_seen,
+                record.attempts,
+                lease_until=record.lease_until,
+            )
+        state = ClaimState.TAKEOVER if record.state == "sent" else ClaimState.NEW
+        return self._take(record, state, now, lease_s)
 
     @staticmethod
     def _take(record: _Record, state: ClaimState, now: float, lease_s: float) -> Claim:

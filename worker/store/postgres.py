@@ -22,6 +22,9 @@ statement); when the row exists it is read ``FOR UPDATE`` and updated in one
 transaction, so concurrent claims of one id from any number of processes serialise
 on the row lock and exactly one gets ``NEW``.
 
+``reopen`` is one transaction too: the row is read ``FOR UPDATE``, then the outcome
+is cleared and the lease taken (or the claim answer given) before the commit.
+
 Durability follows the server (``fsync``, ``synchronous_commit``): with both ``on``
 a call that returned has its change on disk.
 """
@@ -75,6 +78,10 @@ _SELECT_FOR_UPDATE = (
 _TAKE = (
     "UPDATE {table} SET state = 'claimed', token = %s, lease_until = %s, updated_at = %s"
     " WHERE command_id = %s"
+)
+_REOPEN = (
+    "UPDATE {table} SET state = 'claimed', outcome = NULL, token = %s, lease_until = %s,"
+    " updated_at = %s WHERE command_id = %s"
 )
 _MARK_SENT = (
     "UPDATE {table} SET state = 'sent', attempts = %s, lease_until = %s, updated_at = %s"
@@ -158,6 +165,7 @@ class PostgresStore:
             q(_SELECT_FOR_UPDATE),
             q(_TAKE),
         )
+        self._reopen_sql = q(_REOPEN)
         self._mark_sent_sql, self._record_sql = q(_MARK_SENT), q(_RECORD)
         self._select_outcome, self._release_sql = q(_SELECT_OUTCOME), q(_RELEASE)
         self._purge_sql = q(_PURGE)
@@ -249,6 +257,21 @@ class PostgresStore:
         conn.execute(self._take, (token, lease_until, now, command_id))
         kind = ClaimState.TAKEOVER if state == "sent" else ClaimState.NEW
         return Claim(kind, first_seen, attempts, token)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        token = uuid.uuid4().hex
+        lease_until = now + lease_s
+        # One transaction: the row lock serialises concurrent reopens (and claims) of the id,
+        # and a waiter re-reads the row once the lock is free, so exactly one gets NEW.
+        with self._connection() as conn, conn.transaction():
+            row = conn.execute(self._select_for_update, (command_id,)).fetchone()
+            if row is None:  # never seen or purged: nothing to take back
+                return Claim(ClaimState.CONFLICT, now)
+            stored_fp, first_seen, _, _, attempts, stored = row
+            if stored is not None and bytes(stored) == outcome:
+                conn.execute(self._reopen_sql, (token, lease_until, now, command_id))
+                return Claim(ClaimState.NEW, first_seen, attempts, token)
+            return self._claim_existing(conn, row, command_id, stored_fp, token, now, lease_until)
 
     def mark_sent(
         self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float

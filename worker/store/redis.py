@@ -10,15 +10,15 @@ Atomicity: each method is a single ``EVALSHA`` (``register_script``), and Redis 
 a script to completion before any other command, so many threads and many processes
 can claim the same id and exactly one gets ``NEW``.
 
-Retention: every write (claim that takes the lease, mark_sent, record, release)
+Retention: every write (claim or reopen that takes the lease, mark_sent, record, release)
 refreshes ``EXPIRE`` to ``retention_s`` (default :data:`RETENTION_S`), so Redis drops
 a record ``retention_s`` after it was last written. :meth:`RedisStore.purge` has
 nothing left to do and returns 0 without touching Redis.
 
 Retries: the client retries a command twice on a connection error or timeout (fast
 backoff), which survives a restarted Redis or a stale pooled connection. Replaying a
-script that had in fact run is harmless: a replayed claim answers ``BUSY`` (its own
-lease), mark_sent/record/release are idempotent for the same token.
+script that had in fact run is harmless: a replayed claim or reopen answers ``BUSY``
+(its own lease), mark_sent/record/release are idempotent for the same token.
 
 Durability is the server's: a script's writes are applied (and logged to the AOF)
 as one unit, but they reach disk only as ``appendonly``/``appendfsync``/``save`` say.
@@ -63,6 +63,38 @@ if rec[1] ~= ARGV[1] then
 end
 if rec[6] then
   return {'done', rec[2], attempts, rec[6]}
+end
+if rec[3] ~= 'released' and tonumber(rec[4]) > tonumber(ARGV[2]) then
+  return {'busy', rec[2], attempts, rec[4]}
+end
+local kind = 'new'
+if rec[3] == 'sent' then kind = 'takeover' end
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
+           'updated_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return {kind, rec[2], attempts, ''}
+"""
+
+# KEYS[1] record; ARGV outcome, now, lease_until, token, ttl_s. Same reply as _CLAIM: 'new'
+# when the stored outcome is exactly ARGV[1] (cleared, lease taken), otherwise what a
+# claim with the stored fingerprint answers (and does); 'conflict' for an unknown id,
+# creating nothing.
+_REOPEN = """
+local rec = redis.call('HMGET', KEYS[1], 'fp', 'first_seen', 'state', 'lease_until',
+                       'attempts', 'outcome')
+if not rec[1] then
+  return {'conflict', ARGV[2], '0', ''}
+end
+local attempts = rec[5] or '0'
+if rec[6] then
+  if rec[6] ~= ARGV[1] then
+    return {'done', rec[2], attempts, rec[6]}
+  end
+  redis.call('HDEL', KEYS[1], 'outcome')
+  redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
+             'updated_at', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  return {'new', rec[2], attempts, ''}
 end
 if rec[3] ~= 'released' and tonumber(rec[4]) > tonumber(ARGV[2]) then
   return {'busy', rec[2], attempts, rec[4]}
@@ -150,6 +182,7 @@ class RedisStore:
         self._label = label
         self._secrets = secrets
         self._claim = client.register_script(_CLAIM)
+        self._reopen = client.register_script(_REOPEN)
         self._mark_sent = client.register_script(_MARK_SENT)
         self._record = client.register_script(_RECORD)
         self._release = client.register_script(_RELEASE)
@@ -195,15 +228,14 @@ class RedisStore:
         reply = self._run(
             self._claim, command_id, fingerprint, _num(now), _num(now + lease_s), token, self._ttl
         )
-        kind = _KINDS[bytes(reply[0])]
-        first_seen, attempts, extra = float(reply[1]), int(reply[2]), bytes(reply[3])
-        if kind is ClaimState.DONE:
-            return Claim(kind, first_seen, attempts, outcome=extra)
-        if kind is ClaimState.BUSY:
-            return Claim(kind, first_seen, attempts, lease_until=float(extra))
-        if kind is ClaimState.CONFLICT:
-            return Claim(kind, first_seen, attempts)
-        return Claim(kind, first_seen, attempts, token)
+        return _claim_from(reply, token)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        token = uuid.uuid4().hex
+        reply = self._run(
+            self._reopen, command_id, outcome, _num(now), _num(now + lease_s), token, self._ttl
+        )
+        return _claim_from(reply, token)
 
     def mark_sent(
         self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float
@@ -244,6 +276,19 @@ class RedisStore:
             self._client.close()
         except redis.RedisError as exc:
             raise self._error(exc) from exc
+
+
+def _claim_from(reply: Any, token: str) -> Claim:
+    """The Claim a _CLAIM or _REOPEN reply ``{kind, first_seen, attempts, extra}`` means."""
+    kind = _KINDS[bytes(reply[0])]
+    first_seen, attempts, extra = float(reply[1]), int(reply[2]), bytes(reply[3])
+    if kind is ClaimState.DONE:
+        return Claim(kind, first_seen, attempts, outcome=extra)
+    if kind is ClaimState.BUSY:
+        return Claim(kind, first_seen, attempts, lease_until=float(extra))
+    if kind is ClaimState.CONFLICT:
+        return Claim(kind, first_seen, attempts)
+    return Claim(kind, first_seen, attempts, token)
 
 
 def _scrub(message: str, secrets: tuple[str, ...]) -> str:

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from worker.errors import StoreError
 from worker.store.base import Claim, ClaimState
@@ -81,20 +82,52 @@ class SqliteStore:
                     (command_id, fingerprint, now, now, token, now + lease_s),
                 )
                 return Claim(ClaimState.NEW, now, 0, token)
-            stored_fp, first_seen, state, lease_until, attempts, outcome = row
-            if stored_fp != fingerprint:
-                return Claim(ClaimState.CONFLICT, first_seen, attempts)
-            if outcome is not None:
-                return Claim(ClaimState.DONE, first_seen, attempts, outcome=bytes(outcome))
-            if state != "released" and lease_until > now:
-                return Claim(ClaimState.BUSY, first_seen, attempts, lease_until=lease_until)
-            db.execute(
-                "UPDATE pabx_commands SET state = 'claimed', token = ?, lease_until = ?,"
-                " updated_at = ? WHERE command_id = ?",
-                (token, now + lease_s, now, command_id),
-            )
-            kind = ClaimState.TAKEOVER if state == "sent" else ClaimState.NEW
-            return Claim(kind, first_seen, attempts, token)
+            if row[0] != fingerprint:
+                return Claim(ClaimState.CONFLICT, row[1], row[4])
+            return self._claim_existing(db, row, command_id, token, now, lease_s)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        token = uuid.uuid4().hex
+        with self._transaction() as db:  # BEGIN IMMEDIATE: one writer from read to update
+            row = db.execute(
+                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome"
+                " FROM pabx_commands WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+            if row is None:  # never seen or purged: nothing to take back
+                return Claim(ClaimState.CONFLICT, now)
+            _, first_seen, _, _, attempts, stored = row
+            if stored is not None and bytes(stored) == outcome:
+                db.execute(
+                    "UPDATE pabx_commands SET state = 'claimed', outcome = NULL, token = ?,"
+                    " lease_until = ?, updated_at = ? WHERE command_id = ?",
+                    (token, now + lease_s, now, command_id),
+                )
+                return Claim(ClaimState.NEW, first_seen, attempts, token)
+            return self._claim_existing(db, row, command_id, token, now, lease_s)
+
+    @staticmethod
+    def _claim_existing(
+        db: sqlite3.Connection,
+        row: tuple[Any, ...],
+        command_id: str,
+        token: str,
+        now: float,
+        lease_s: float,
+    ) -> Claim:
+        """What a claim with the row's own fingerprint finds (inside the transaction)."""
+        _, first_seen, state, lease_until, attempts, outcome = row
+        if outcome is not None:
+            return Claim(ClaimState.DONE, first_seen, attempts, outcome=bytes(outcome))
+        if state != "released" and lease_until > now:
+            return Claim(ClaimState.BUSY, first_seen, attempts, lease_until=lease_until)
+        db.execute(
+            "UPDATE pabx_commands SET state = 'claimed', token = ?, lease_until = ?,"
+            " updated_at = ? WHERE command_id = ?",
+            (token, now + lease_s, now, command_id),
+        )
+        kind = ClaimState.TAKEOVER if state == "sent" else ClaimState.NEW
+        return Claim(kind, first_seen, attempts, token)
 
     def mark_sent(
         self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float
