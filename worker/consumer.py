@@ -24,7 +24,7 @@ from kombu import Connection
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
-from worker.messages import Delivery
+from worker.messages import Delivery, raw_event_id
 from worker.outcomes import CONTENT_TYPE, routing_key_for
 from worker.pipeline import Action, Decision, Prepared, Processor
 from worker.publisher import ConfirmingPublisher, Publication
@@ -45,6 +45,8 @@ MAX_RECONNECT_WAIT_S = 10.0
 PURGE_EVERY_S = 3600.0
 #: Largest ``x-pabx-error`` header on a parked copy.
 MAX_REASON_CHARS = 512
+#: Largest encoded size of the producer's headers kept on a parked or retry copy.
+MAX_COPIED_HEADER_BYTES = 16 * 1024
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Worker:
         self._stop = threading.Event()
         self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._executor = KeyedExecutor(settings.concurrency)
+        _tolerate_non_utf8_properties()
         self.state = WorkerState()
         self.ready = threading.Event()
 
@@ -172,6 +175,9 @@ class _Session:
         declare_channel = _broker_call(self.connection.channel)
         _broker_call(self.worker._topology.declare, declare_channel)
         self.channel = _broker_call(self.connection.channel)
+        # Keep bodies as bytes: py-amqp would turn a body whose content_encoding names a
+        # codec (utf-8, latin-1 ...) into str, which the pipeline cannot take.
+        self.channel.auto_decode = False
         self.publisher = ConfirmingPublisher(_broker_call(self.connection.channel))
         _broker_call(self._loop)
 
@@ -212,6 +218,12 @@ class _Session:
         if prefetch != self.prefetch:
             self.channel.basic_qos(0, prefetch, False)
             self.prefetch = prefetch
+            if self.consumer_tag is not None:
+                # A per-consumer prefetch only applies to consumers created after it
+                # (RabbitMQ; quorum queues refuse the global one): consume again, or
+                # the probe's limit of 1 outlives the half-open state.
+                self.channel.basic_cancel(self.consumer_tag)
+                self.consumer_tag = None
         if self.consumer_tag is None:
             self.consumer_tag = self.channel.basic_consume(
                 self.settings.command_queue, callback=self._on_message
@@ -231,7 +243,7 @@ class _Session:
 
     def _on_message(self, message: Any) -> None:
         delivery = _to_delivery(message)
-        prepared = self.worker._processor.prepare(delivery)
+        prepared = _prepare(self.worker._processor, delivery)
         job = _Job(self.session, message.delivery_tag, prepared)
         self.worker.state.in_flight += 1
         self.worker._executor.submit(prepared.call_key, lambda: self.worker._execute(job))
@@ -240,9 +252,10 @@ class _Session:
         done = self.worker._done
         while not done.empty():
             job = done.get_nowait()
+            # Counted when it was submitted, whichever connection it came from.
+            self.worker.state.in_flight -= 1
             if job.session != self.session:
                 continue  # from a lost connection: the broker redelivers that message
-            self.worker.state.in_flight -= 1
             if job.decision is None:
                 self.channel.basic_reject(job.delivery_tag, requeue=True)
                 continue
@@ -287,16 +300,70 @@ def _broker_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
 
 
+_LENIENT_LOCK = threading.Lock()
+
+
+def _tolerate_non_utf8_properties() -> None:
+    """Let py-amqp read message properties that are not UTF-8 (idempotent).
+
+    py-amqp decodes short strings (content_type, correlation_id, message_id, header
+    names ...) as strict UTF-8 while it reads the frame, before any callback: one such
+    message from any producer raised out of ``drain_events`` and stopped the worker.
+    When the strict decoding fails, the properties are decoded again with U+FFFD for
+    the bad bytes; the message is then handled like any other (and rejected when its
+    content type or id is unusable).
+    """
+    from amqp import serialization
+    from amqp.spec import Basic
+
+    strict = serialization.PROPERTY_CLASSES[Basic.CLASS_ID]
+    if getattr(strict, "lenient", False):
+        return
+
+    def lenient_str(value: Any) -> Any:
+        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+    def decode(buf: Any, offset: int) -> Any:
+        try:
+            return strict(buf, offset)
+        except UnicodeDecodeError:
+            with _LENIENT_LOCK:
+                saved = serialization.pstr_t
+                serialization.pstr_t = lenient_str
+                try:
+                    return strict(buf, offset)
+                finally:
+                    serialization.pstr_t = saved
+
+    decode.lenient = True  # type: ignore[attr-defined]
+    serialization.PROPERTY_CLASSES[Basic.CLASS_ID] = decode
+
+
+def _prepare(processor: Processor, delivery: Delivery) -> Prepared:
+    """``processor.prepare``, which must not raise: if it does, reject the message, don't die."""
+    try:
+        return processor.prepare(delivery)
+    except Exception as exc:
+        log.exception("could not decode a message")
+        return Prepared(
+            delivery,
+            raw_event_id(delivery.body),
+            None,
+            invalid=f"the message could not be decoded ({type(exc).__name__})",
+        )
+
+
 def _to_delivery(message: Any) -> Delivery:
     props = message.properties
     headers = props.get("application_headers") or {}
     stamp = props.get("timestamp")
     timestamp = None
     if isinstance(stamp, int | float):
-        timestamp = datetime.fromtimestamp(stamp, UTC)
+        with contextlib.suppress(OverflowError, OSError, ValueError):  # year 10^11
+            timestamp = datetime.fromtimestamp(stamp, UTC)
     elif isinstance(stamp, datetime):
         timestamp = stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp
-    body = message.body if isinstance(message.body, bytes) else bytes(message.body)
+    body = _body_bytes(message.body, props.get("content_encoding"))
     return Delivery(
         body=body,
         content_type=props.get("content_type"),
@@ -307,8 +374,26 @@ def _to_delivery(message: Any) -> Delivery:
         timestamp=timestamp,
         headers=headers,
         redelivered=bool(message.delivery_info.get("redelivered")),
-        delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+        delivery_count=_count(headers.get("x-delivery-count")),
     )
+
+
+def _body_bytes(body: Any, encoding: str | None) -> bytes:
+    """The body as bytes: py-amqp gives ``""`` (str) for an empty body."""
+    if isinstance(body, str):
+        try:
+            return body.encode(encoding or "utf-8", "surrogateescape")
+        except (LookupError, UnicodeError):
+            return body.encode("utf-8", "surrogatepass")
+    return bytes(body)
+
+
+def _count(value: Any) -> int:
+    """A counter header as an int; a producer may have put anything there."""
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _publications(
@@ -358,8 +443,8 @@ def _original_properties(delivery: Delivery, headers: dict[str, Any]) -> dict[st
 def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> Publication:
     steps = sorted(topology.retry_queues)
     delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
-    headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
-    headers["x-pabx-retries"] = int(headers.get("x-pabx-retries", 0) or 0) + 1
+    headers = _copied_headers(delivery)
+    headers["x-pabx-retries"] = _count(headers.get("x-pabx-retries")) + 1
     headers["x-pabx-attempts"] = decision.attempts
     return Publication(
         delivery.body, "", topology.retry_queues[delay], _original_properties(delivery, headers)
@@ -368,7 +453,7 @@ def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> P
 
 def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> Publication:
     assert decision.error is not None
-    headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
+    headers = _copied_headers(delivery)
     headers.update(
         {
             "x-pabx-error-code": decision.error.code,
@@ -384,3 +469,32 @@ def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> 
         f"{settings.routing_key}.{decision.error.code}",
         _original_properties(delivery, headers),
     )
+
+
+def _copied_headers(delivery: Delivery) -> dict[str, Any]:
+    """The producer's headers for a copy, within :data:`MAX_COPIED_HEADER_BYTES`.
+
+    A copy adds headers of its own; producer headers close to the broker's frame size
+    would make it unpublishable (FRAME_ERROR closes the connection, the message comes
+    back, again and again). Headers past the budget are left out and named.
+    """
+    from amqp.serialization import dumps
+
+    kept: dict[str, Any] = {}
+    dropped: list[str] = []
+    budget = MAX_COPIED_HEADER_BYTES
+    for name, value in delivery.headers.items():
+        if name == "x-delivery-count":
+            continue
+        try:
+            cost = len(dumps("F", [{name: value}]))
+        except Exception:  # not encodable again: leave it out
+            cost = budget + 1
+        if cost > budget:
+            dropped.append(str(name))
+            continue
+        budget -= cost
+        kept[name] = value
+    if dropped:
+        kept["x-pabx-dropped-headers"] = ",".join(dropped)[:MAX_REASON_CHARS]
+    return kept

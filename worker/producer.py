@@ -10,12 +10,10 @@ Used by ``pabx-worker send`` and ``demo``; usable from any Python program::
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import socket
 import time
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,10 +61,6 @@ class Outgoing:
         value = self.properties.get("correlation_id")
         return str(value) if value is not None else None
 
-    def return_key(self) -> tuple[str | None, str]:
-        """What identifies this message when the broker returns it (unroutable)."""
-        return self.correlation_id, hashlib.sha256(self.body).hexdigest()
-
 
 @dataclass
 class PublishReport:
@@ -108,11 +102,7 @@ class Producer:
                 Topology.from_settings(settings).declare, _broker_call(self._connection.channel)
             )
         self._failed: list[str] = []
-        #: Set while :meth:`publish_messages` runs: it takes the returns.
-        self._returns: Counter[tuple[str | None, str]] | None = None
-        publishing = _broker_call(self._connection.channel)
-        publishing.auto_decode = False  # returned bodies stay the bytes that were sent
-        self._publisher = ConfirmingPublisher(publishing, on_return=self._returned)
+        self._publisher = ConfirmingPublisher(_broker_call(self._connection.channel))
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}
 
@@ -230,14 +220,11 @@ class Producer:
         from the broker itself. Connection loss does not raise: ``report.error`` says
         why publishing stopped and ``report.unsettled`` lists what was not confirmed.
         """
-        run = _PublishRun(self, on_settled)
-        self._returns = Counter()
+        run = _PublishRun(on_settled)
         try:
             self._publish_all(run, messages, reply, exchange, routing_key, window, rate, timeout)
         except BrokerError as exc:
             run.report.error = str(exc)
-        finally:
-            self._returns = None
         run.report.unsettled.extend(run.pending.values())
         return run.report
 
@@ -282,23 +269,6 @@ class Producer:
         if seconds > 0:
             self._drain_until(lambda: False, seconds)
 
-    def _returned(self, message: Any) -> None:
-        correlation_id = message.properties.get("correlation_id")
-        if self._returns is None:
-            self._failed.append(correlation_id or "?")
-            return
-        body = raw_body(message)
-        cid = str(correlation_id) if correlation_id is not None else None
-        self._returns[(cid, hashlib.sha256(body).hexdigest())] += 1
-
-    def _take_return(self, message: Outgoing) -> bool:
-        """Whether the broker returned this message (its confirm follows the return)."""
-        key = message.return_key()
-        if self._returns is None or not self._returns.get(key):
-            return False
-        self._returns[key] -= 1
-        return True
-
     def wait_for(
         self,
         correlation_ids: Iterable[str],
@@ -321,8 +291,7 @@ class Producer:
 class _PublishRun:
     """Book-keeping of one :meth:`Producer.publish_messages` call."""
 
-    def __init__(self, producer: Producer, on_settled: OnSettled | None) -> None:
-        self.producer = producer
+    def __init__(self, on_settled: OnSettled | None) -> None:
         self.on_settled = on_settled
         self.report = PublishReport()
         self.pending: dict[int, Outgoing] = {}
@@ -337,11 +306,7 @@ class _PublishRun:
     def settle(self, key: int, ok: bool) -> None:
         message = self.pending.pop(key)
         self.settled += 1
-        reason = None
-        if not ok:
-            reason = "the broker refused the message (nack)"
-        elif self.producer._take_return(message):
-            reason = "unroutable: no queue is bound for it (returned by the broker)"
+        reason = None if ok else "refused by the broker, or unroutable (no queue bound for it)"
         if reason is None:
             self.report.confirmed.append(message)
         else:

@@ -19,6 +19,8 @@ __all__ = ["ConfirmingPublisher", "Publication"]
 log = logging.getLogger("pabx_worker.publisher")
 
 OnConfirm = Callable[[bool], None]
+#: Header naming a mandatory publication's sequence number, so a return can be matched.
+SEQ_HEADER = "x-pabx-publish-seq"
 
 
 class Publication:
@@ -45,9 +47,9 @@ class Publication:
 class ConfirmingPublisher:
     """Publishes on a channel in confirm mode and reports each confirm to a callback."""
 
-    def __init__(self, channel: Any, on_return: Callable[[Any], None] | None = None) -> None:
+    def __init__(self, channel: Any) -> None:
         self._channel = channel
-        self._on_returned = on_return
+        self._returned: set[int] = set()
         self._pending: OrderedDict[int, OnConfirm] = OrderedDict()
         self._seq = 0
         channel.events["basic_ack"].add(self._on_ack)
@@ -61,27 +63,39 @@ class ConfirmingPublisher:
         return len(self._pending)
 
     def publish(self, publication: Publication, on_confirm: OnConfirm) -> None:
-        message = Message(publication.body, delivery_mode=2, **publication.properties)
+        """Publish; ``on_confirm(False)`` if the broker nacks it or returns it unroutable."""
+        seq = self._seq + 1
+        properties = publication.properties
+        if publication.mandatory:  # tag it, so a basic.return can name its publication
+            headers = {**(properties.get("application_headers") or {}), SEQ_HEADER: seq}
+            properties = {**properties, "application_headers": headers}
+        message = Message(publication.body, delivery_mode=2, **properties)
         self._channel.basic_publish(
             message,
             exchange=publication.exchange,
             routing_key=publication.routing_key,
             mandatory=publication.mandatory,
         )
-        self._seq += 1
-        self._pending[self._seq] = on_confirm
+        self._seq = seq
+        self._pending[seq] = on_confirm
 
     def _settle(self, tag: int, multiple: bool, ok: bool) -> None:
         if not multiple:
             callback = self._pending.pop(tag, None)
             if callback is not None:
-                callback(ok)
+                callback(ok and not self._was_returned(tag))
             return
         while self._pending:
             first = next(iter(self._pending))
             if first > tag:
                 break
-            self._pending.pop(first)(ok)
+            self._pending.pop(first)(ok and not self._was_returned(first))
+
+    def _was_returned(self, seq: int) -> bool:
+        if seq in self._returned:
+            self._returned.discard(seq)
+            return True
+        return False
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         self._settle(tag, multiple, True)
@@ -91,9 +105,11 @@ class ConfirmingPublisher:
         self._settle(tag, multiple, False)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        """An unroutable mandatory message: its confirm (which follows) reports failure."""
         log.warning(
             "broker returned an unroutable message",
             extra={"exchange": exchange, "routing_key": routing_key, "reason": str(exc)},
         )
-        if self._on_returned is not None:
-            self._on_returned(message)
+        seq = (message.properties.get("application_headers") or {}).get(SEQ_HEADER)
+        if isinstance(seq, int) and seq in self._pending:
+            self._returned.add(seq)
