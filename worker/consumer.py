@@ -24,7 +24,7 @@ from kombu import Connection
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
-from worker.messages import Delivery, raw_event_id
+from worker.messages import RETRIES_HEADER, Delivery, header_count, raw_event_id
 from worker.outcomes import CONTENT_TYPE, routing_key_for
 from worker.pipeline import Action, Decision, Prepared, Processor
 from worker.publisher import ConfirmingPublisher, Publication
@@ -374,7 +374,7 @@ def _to_delivery(message: Any) -> Delivery:
         timestamp=timestamp,
         headers=headers,
         redelivered=bool(message.delivery_info.get("redelivered")),
-        delivery_count=_count(headers.get("x-delivery-count")),
+        delivery_count=header_count(headers, "x-delivery-count"),
     )
 
 
@@ -386,14 +386,6 @@ def _body_bytes(body: Any, encoding: str | None) -> bytes:
         except (LookupError, UnicodeError):
             return body.encode("utf-8", "surrogatepass")
     return bytes(body)
-
-
-def _count(value: Any) -> int:
-    """A counter header as an int; a producer may have put anything there."""
-    try:
-        return max(int(value or 0), 0)
-    except (TypeError, ValueError, OverflowError):
-        return 0
 
 
 def _publications(
@@ -444,7 +436,7 @@ def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> P
     steps = sorted(topology.retry_queues)
     delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
     headers = _copied_headers(delivery)
-    headers["x-pabx-retries"] = _count(headers.get("x-pabx-retries")) + 1
+    headers[RETRIES_HEADER] = header_count(headers, RETRIES_HEADER) + 1
     headers["x-pabx-attempts"] = decision.attempts
     return Publication(
         delivery.body, "", topology.retry_queues[delay], _original_properties(delivery, headers)

@@ -21,14 +21,18 @@ from worker.models import MAX_COMMAND_BYTES, RedirectCommand
 
 __all__ = [
     "REPLAY_HEADER",
+    "RETRIES_HEADER",
     "Delivery",
     "decode_command",
     "event_id_for",
     "fingerprint",
+    "header_count",
     "raw_event_id",
     "replay_generation",
 ]
 
+#: Header counting a command's trips through the broker-held retry queues.
+RETRIES_HEADER = "x-pabx-retries"
 #: Header ``parked replay`` sets on the copies it sends back: the replay generation.
 REPLAY_HEADER = "x-pabx-replay"
 #: Namespace of the deterministic outcome event ids (uuid5).
@@ -93,6 +97,8 @@ def parse_json(body: bytes) -> Any:
         )
     except json.JSONDecodeError as exc:
         raise InvalidCommand(f"body is not JSON: {exc.msg} at line {exc.lineno}") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's digit limit
+        raise InvalidCommand(f"body is not usable JSON: {exc}"[:200]) from None
     except RecursionError:
         raise InvalidCommand("body is nested too deeply") from None
 
@@ -166,10 +172,20 @@ def event_id_for(command_id: str, body_fingerprint: str, replay: int = 0) -> str
     return str(uuid.uuid5(EVENT_NAMESPACE, f"{command_id}\n{body_fingerprint}{suffix}"))
 
 
+def header_count(headers: Mapping[str, Any], name: str) -> int:
+    """A counter header as a non-negative int; a producer may have put anything there."""
+    value = headers.get(name)
+    if isinstance(value, bool):
+        return 0
+    try:
+        return max(int(value or 0), 0)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
 def replay_generation(headers: Mapping[str, Any]) -> int:
     """How many times an operator replayed a command from the parked queue (0: never)."""
-    value = headers.get(REPLAY_HEADER, 0)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+    return header_count(headers, REPLAY_HEADER)
 
 
 def raw_event_id(body: bytes, command_id: str | None = None) -> str:

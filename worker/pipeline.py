@@ -35,10 +35,12 @@ from worker.errors import (
     StoreError,
 )
 from worker.messages import (
+    RETRIES_HEADER,
     Delivery,
     decode_command,
     event_id_for,
     fingerprint,
+    header_count,
     raw_event_id,
     readable_command_id,
     replay_generation,
@@ -367,7 +369,7 @@ class Processor:
                 attempts,
                 error.status_code,
             )
-        retries = int(prepared.delivery.headers.get("x-pabx-retries", 0) or 0)
+        retries = header_count(prepared.delivery.headers, RETRIES_HEADER)
         steps = self._policy.retry_delays_s
         delay = steps[min(retries, len(steps) - 1)]
         if self._clock() + delay >= deadline:
