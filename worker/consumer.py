@@ -21,6 +21,7 @@ from typing import Any
 
 from kombu import Connection
 
+from worker.broker import broker_call, connect, where
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
@@ -127,15 +128,12 @@ class Worker:
     def _session(self) -> None:
         self.state.sessions += 1
         session = self.state.sessions
-        connection = Connection(
-            self._settings.amqp_url,
-            heartbeat=self._settings.heartbeat_s,
-            connect_timeout=5,
-            transport_options={"confirm_publish": False},
+        connection = connect(
+            self._settings.amqp_url, start=session - 1, heartbeat=self._settings.heartbeat_s
         )
         try:
-            _broker_call(connection.connect)
             self.state.connected = True
+            log.info("connected to the broker", extra={"broker": where(connection)})
             _Session(self, connection, session).run()
         finally:
             self.state.connected = self.state.consuming = False
@@ -172,14 +170,14 @@ class _Session:
         self.prefetch = 0
 
     def run(self) -> None:
-        declare_channel = _broker_call(self.connection.channel)
-        _broker_call(self.worker._topology.declare, declare_channel)
-        self.channel = _broker_call(self.connection.channel)
+        declare_channel = broker_call(self.connection.channel)
+        broker_call(self.worker._topology.declare, declare_channel)
+        self.channel = broker_call(self.connection.channel)
         # Keep bodies as bytes: py-amqp would turn a body whose content_encoding names a
         # codec (utf-8, latin-1 ...) into str, which the pipeline cannot take.
         self.channel.auto_decode = False
-        self.publisher = ConfirmingPublisher(_broker_call(self.connection.channel))
-        _broker_call(self._loop)
+        self.publisher = ConfirmingPublisher(broker_call(self.connection.channel))
+        broker_call(self._loop)
 
     def _loop(self) -> None:
         worker = self.worker
@@ -282,22 +280,6 @@ class _Session:
             self.channel.basic_ack(delivery_tag)
         else:
             self.channel.basic_reject(delivery_tag, requeue=True)
-
-
-def _broker_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a broker operation, mapping connection failures to BrokerError."""
-    from amqp.exceptions import ConnectionError as AmqpConnectionError
-    from amqp.exceptions import RecoverableChannelError, RecoverableConnectionError
-
-    try:
-        return fn(*args, **kwargs)
-    except (
-        OSError,
-        AmqpConnectionError,
-        RecoverableConnectionError,
-        RecoverableChannelError,
-    ) as exc:
-        raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
 
 
 _LENIENT_LOCK = threading.Lock()
@@ -439,7 +421,11 @@ def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> P
     headers[RETRIES_HEADER] = header_count(headers, RETRIES_HEADER) + 1
     headers["x-pabx-attempts"] = decision.attempts
     return Publication(
-        delivery.body, "", topology.retry_queues[delay], _original_properties(delivery, headers)
+        delivery.body,
+        "",
+        topology.retry_queues[delay],
+        _original_properties(delivery, headers),
+        mandatory=True,  # a retry queue that is gone must not swallow the command
     )
 
 
@@ -460,6 +446,7 @@ def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> 
         settings.dead_exchange,
         f"{settings.routing_key}.{decision.error.code}",
         _original_properties(delivery, headers),
+        mandatory=True,
     )
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.consumer import _broker_call
+from worker.broker import broker_call
 from worker.messages import REPLAY_HEADER, Delivery, readable_command_id, replay_generation
 from worker.producer import Outgoing, Producer, raw_body
 
@@ -330,7 +330,7 @@ class ParkedQueue:
         return channel
 
     def _depth(self, channel: Any) -> int:
-        _, count, _ = _broker_call(channel.queue_declare, self.queue, passive=True)
+        _, count, _ = broker_call(channel.queue_declare, self.queue, passive=True)
         return int(count)
 
     def _read(self, channel: Any, at_most: int) -> Iterator[ParkedMessage]:
@@ -342,7 +342,7 @@ class ParkedQueue:
         Returned all together, they keep their order.
         """
         for position in range(1, at_most + 1):
-            message = _broker_call(channel.basic_get, self.queue, no_ack=False)
+            message = broker_call(channel.basic_get, self.queue, no_ack=False)
             if message is None:
                 return
             yield ParkedMessage.from_amqp(message, position)

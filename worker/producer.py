@@ -18,9 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kombu import Connection
-
-from worker.consumer import _broker_call
+from worker.broker import broker_call, connect
 from worker.errors import BrokerError
 from worker.publisher import ConfirmingPublisher, Publication
 from worker.settings import Settings
@@ -95,14 +93,13 @@ class Producer:
 
     def __init__(self, settings: Settings, *, declare: bool = True) -> None:
         self._settings = settings
-        self._connection = Connection(settings.amqp_url, connect_timeout=5)
-        _broker_call(self._connection.connect)
+        self._connection = connect(settings.amqp_url)
         if declare:
-            _broker_call(
-                Topology.from_settings(settings).declare, _broker_call(self._connection.channel)
+            broker_call(
+                Topology.from_settings(settings).declare, broker_call(self._connection.channel)
             )
         self._failed: list[str] = []
-        self._publisher = ConfirmingPublisher(_broker_call(self._connection.channel))
+        self._publisher = ConfirmingPublisher(broker_call(self._connection.channel))
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}
 
@@ -120,7 +117,7 @@ class Producer:
     def reply_queue(self) -> str:
         """An exclusive queue receiving the outcomes of commands sent with ``reply=True``."""
         if self._reply_queue is None:
-            channel = _broker_call(self._connection.channel)
+            channel = broker_call(self._connection.channel)
             name, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
             channel.basic_consume(name, callback=self._on_outcome, no_ack=True)
             self._reply_queue = name
@@ -154,7 +151,7 @@ class Producer:
                 },
                 mandatory=True,
             )
-            _broker_call(
+            broker_call(
                 self._publisher.publish,
                 publication,
                 lambda ok, cid=correlation_id: confirmed(ok, cid),
@@ -184,7 +181,7 @@ class Producer:
             if left <= 0:
                 return
             try:
-                _broker_call(self._connection.drain_events, timeout=min(left, 0.2))
+                broker_call(self._connection.drain_events, timeout=min(left, 0.2))
             except BrokerError as exc:
                 if isinstance(exc.__cause__, TimeoutError | socket.timeout):
                     continue
@@ -198,7 +195,7 @@ class Producer:
 
     def channel(self) -> Any:
         """A new py-amqp channel on this producer's connection (e.g. to read a queue)."""
-        return _broker_call(self._connection.channel)
+        return broker_call(self._connection.channel)
 
     def publish_messages(
         self,
@@ -254,7 +251,7 @@ class Producer:
             props.pop("delivery_mode", None)
             publication = Publication(message.body, *target, props, mandatory=True)
             key = run.add(message)
-            _broker_call(self._publisher.publish, publication, lambda ok, k=key: run.settle(k, ok))
+            broker_call(self._publisher.publish, publication, lambda ok, k=key: run.settle(k, ok))
         self._await_confirms(run, lambda: not run.pending, timeout)
 
     def _await_confirms(self, run: _PublishRun, done: Callable[[], bool], timeout: float) -> None:

@@ -31,6 +31,21 @@ class Binding:
     routing_key: str
 
 
+def _delay_queue(queue_type: str) -> dict[str, Any]:
+    """Arguments of a retry queue: replicated like the command queue when that is quorum.
+
+    Quorum retry queues dead-letter at least once (the broker keeps a message until the
+    command queue confirmed it), which needs ``reject-publish`` overflow.
+    """
+    if queue_type != "quorum":
+        return {"x-queue-type": "classic"}
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+
+
 def retry_queue_name(prefix: str, delay_s: float) -> str:
     """``pabx.retry.5s`` for a 5 s step."""
     return f"{prefix}.{delay_s:g}s"
@@ -56,7 +71,7 @@ class Topology:
             QueueDef(
                 name,
                 {
-                    "x-queue-type": "classic",
+                    **_delay_queue(s.queue_type),
                     "x-message-ttl": int(delay * 1000),
                     "x-dead-letter-exchange": "",
                     "x-dead-letter-routing-key": s.command_queue,
@@ -78,7 +93,7 @@ class Topology:
                 QueueDef(
                     s.unrouted_exchange,
                     {
-                        "x-queue-type": "classic",
+                        "x-queue-type": s.queue_type,
                         "x-max-length": s.unrouted_max_length,
                         "x-overflow": "drop-head",
                     },
