@@ -10,9 +10,12 @@ from types import FrameType
 
 from worker.circuit import CircuitBreaker
 from worker.consumer import Worker
+from worker.errors import ConfigurationError
 from worker.logs import configure_logging
+from worker.observability import HealthServer, MeteredPabx, Metrics
 from worker.pabx import HttpPabx
-from worker.pipeline import Policy, Processor
+from worker.pipeline import PabxClient, Policy, Processor
+from worker.ratelimit import RateLimitedPabx
 from worker.settings import Settings
 from worker.store import open_store
 
@@ -29,19 +32,23 @@ def secrets_of(settings: Settings) -> list[str]:
 
 
 @contextmanager
-def build_processor(settings: Settings) -> Iterator[Processor]:
-    """A Processor with its PABX session and store, closed on exit."""
+def build_processor(settings: Settings, metrics: Metrics | None = None) -> Iterator[Processor]:
+    """A Processor with its PABX client and store, closed on exit.
+
+    The PABX client is layered: HTTP, timed for metrics, paced per target.
+    """
     targets = settings.require_targets()
     passwords = settings.device_passwords()
     store = open_store(settings.store_url)
-    pabx = HttpPabx(
+    http = HttpPabx(
         pool_size=settings.concurrency,
         connect_timeout_s=settings.pabx_connect_timeout_s,
         read_timeout_s=settings.pabx_read_timeout_s,
     )
+    timed: PabxClient = http if metrics is None else MeteredPabx(http, metrics)
     try:
         yield Processor(
-            pabx=pabx,
+            pabx=RateLimitedPabx(timed, targets),
             store=store,
             targets=targets,
             policy=Policy.from_settings(settings),
@@ -51,7 +58,7 @@ def build_processor(settings: Settings) -> Iterator[Processor]:
             ),
         )
     finally:
-        pabx.close()
+        http.close()
         store.close()
 
 
@@ -60,8 +67,9 @@ def run_worker(settings: Settings) -> None:
     configure_logging(
         fmt=settings.log_format, level=settings.log_level, secrets=secrets_of(settings)
     )
-    with build_processor(settings) as processor:
-        worker = Worker(settings, processor)
+    metrics = Metrics()
+    with build_processor(settings, metrics) as processor:
+        worker = Worker(settings, processor, metrics)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
@@ -69,5 +77,32 @@ def run_worker(settings: Settings) -> None:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        worker.run()
+        server = _health_server(settings, worker, processor)
+        try:
+            worker.run()
+        finally:
+            if server is not None:
+                server.stop()
     log.info("stopped")
+
+
+def _health_server(settings: Settings, worker: Worker, processor: Processor) -> HealthServer | None:
+    """Serve /metrics, /healthz, /readyz on HTTP_PORT (0: not at all)."""
+    if settings.http_port == 0:
+        return None
+
+    def ready() -> bool:
+        state = worker.state
+        return state.connected and state.consuming and processor.store_answers()
+
+    try:
+        server = HealthServer(
+            host=settings.http_host, port=settings.http_port, metrics=worker.metrics, ready=ready
+        )
+    except OSError as exc:
+        raise ConfigurationError(
+            f"PABX_WORKER_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}:"
+            f" {exc.strerror or exc}"
+        ) from None
+    log.info("serving /metrics, /healthz, /readyz", extra={"port": server.port})
+    return server.start()

@@ -26,6 +26,7 @@ from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
 from worker.messages import RETRIES_HEADER, Delivery, header_count, raw_event_id
+from worker.observability import CIRCUIT_VALUES, Metrics
 from worker.outcomes import CONTENT_TYPE, routing_key_for
 from worker.pipeline import Action, Decision, Prepared, Processor
 from worker.publisher import ConfirmingPublisher, Publication
@@ -81,7 +82,9 @@ class _Unacked:
 class Worker:
     """Consumes commands until :meth:`stop`; reconnects when the broker goes away."""
 
-    def __init__(self, settings: Settings, processor: Processor) -> None:
+    def __init__(
+        self, settings: Settings, processor: Processor, metrics: Metrics | None = None
+    ) -> None:
         self._settings = settings
         self._processor = processor
         self._topology = Topology.from_settings(settings)
@@ -90,6 +93,10 @@ class Worker:
         self._executor = KeyedExecutor(settings.concurrency)
         _tolerate_non_utf8_properties()
         self.state = WorkerState()
+        self.metrics = metrics or Metrics()
+        self.metrics.in_flight.set_function(lambda: self.state.in_flight)
+        self.metrics.connected.set_function(lambda: int(self.state.connected))
+        self.metrics.circuit.set_function(lambda: CIRCUIT_VALUES[self.state.circuit])
         self.ready = threading.Event()
 
     def stop(self) -> None:
@@ -242,6 +249,10 @@ class _Session:
     def _on_message(self, message: Any) -> None:
         delivery = _to_delivery(message)
         prepared = _prepare(self.worker._processor, delivery)
+        issued = prepared.command.issued_at if prepared.command else None
+        if (since := issued or delivery.timestamp) is not None:
+            waited = time.time() - since.timestamp()
+            self.worker.metrics.queue_seconds.observe(max(waited, 0.0))
         job = _Job(self.session, message.delivery_tag, prepared)
         self.worker.state.in_flight += 1
         self.worker._executor.submit(prepared.call_key, lambda: self.worker._execute(job))
@@ -268,6 +279,10 @@ class _Session:
             self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
         key = decision.status.value if decision.status else decision.action.value
         self.worker.state.handled[key] = self.worker.state.handled.get(key, 0) + 1
+        if decision.status is None:
+            self.worker.metrics.retries.inc()
+        else:
+            self.worker.metrics.commands.labels(key, str(decision.duplicate).lower()).inc()
 
     def _confirmed(self, delivery_tag: int, ok: bool) -> None:
         pending = self.unacked[delivery_tag]

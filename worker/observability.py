@@ -21,11 +21,12 @@ from worker.errors import PabxError
 from worker.pipeline import PabxClient
 from worker.settings import PabxTarget
 
-__all__ = ["HealthServer", "MeteredPabx", "Metrics"]
+__all__ = ["CIRCUIT_VALUES", "HealthServer", "MeteredPabx", "Metrics"]
 
 log = logging.getLogger("pabx_worker.http")
 
-_CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+#: Value of the circuit gauge for each breaker state.
+CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
 class Metrics:
@@ -70,9 +71,6 @@ class Metrics:
             "1 while connected to the broker.",
             registry=self.registry,
         )
-
-    def set_circuit(self, state: str) -> None:
-        self.circuit.set(_CIRCUIT_VALUES.get(state, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -190,6 +190,14 @@ class Processor:
 
     # -- I/O part, run on a worker thread ----------------------------------------------
 
+    def store_answers(self) -> bool:
+        """Whether the idempotency store answers right now (for readiness)."""
+        try:
+            self._store.ping()
+        except StoreError:
+            return False
+        return True
+
     def purge(self) -> int:
         """Drop idempotency records older than the retention period."""
         return self._store.purge(older_than=self._clock() - RETENTION_S)

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 32
     command_ttl_s: Seconds = 120.0
     http_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    #: Address the /metrics, /healthz, /readyz endpoint listens on.
+    http_host: str = "0.0.0.0"
     device_passwords_file: Path | None = None
     log_format: Literal["json", "text"] = "json"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
