@@ -69,6 +69,7 @@ class _Job:
     delivery_tag: int
     prepared: Prepared
     decision: Decision | None = None
+    received: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -277,12 +278,30 @@ class _Session:
         tag = job.delivery_tag
         for publication in publications:
             self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
+        self._account(job, decision)
+
+    def _account(self, job: _Job, decision: Decision) -> None:
+        """Metrics and the one log line per handled command."""
         key = decision.status.value if decision.status else decision.action.value
         self.worker.state.handled[key] = self.worker.state.handled.get(key, 0) + 1
         if decision.status is None:
             self.worker.metrics.retries.inc()
         else:
             self.worker.metrics.commands.labels(key, str(decision.duplicate).lower()).inc()
+        command = job.prepared.command
+        log.info(
+            "command %s",
+            key,
+            extra={
+                "command_id": job.prepared.command_id,
+                "ID_CHAMADA": command.redirect.ID_CHAMADA if command else None,
+                "status": key,
+                "error_code": decision.error.code if decision.error else None,
+                "attempt": decision.attempts,
+                "duplicate": decision.duplicate,
+                "duration_ms": round((time.monotonic() - job.received) * 1000, 1),
+            },
+        )
 
     def _confirmed(self, delivery_tag: int, ok: bool) -> None:
         pending = self.unacked[delivery_tag]

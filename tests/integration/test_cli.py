@@ -53,8 +53,9 @@ def test_run_consumes_and_stops_cleanly_on_sigterm(
         PABX_WORKER_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
     )
     proc = subprocess.Popen([*CLI, "run"], env=env, stderr=subprocess.PIPE, text=True)
+    cmd = command()
     try:
-        peer.publish(command())
+        peer.publish(cmd)
         _, event = peer.events(1, timeout=30)[0]
         assert event["data"]["status"] == "accepted"
         proc.send_signal(signal.SIGTERM)
@@ -65,7 +66,12 @@ def test_run_consumes_and_stops_cleanly_on_sigterm(
         if proc.stderr:
             proc.stderr.close()
     assert API_KEY not in logs and "4567" not in logs
-    assert any(json.loads(line).get("message") == "stopped" for line in logs.splitlines())
+    entries = [json.loads(line) for line in logs.splitlines()]
+    assert any(e.get("message") == "stopped" for e in entries)
+    [handled] = [e for e in entries if e.get("message") == "command accepted"]
+    assert handled["command_id"] == cmd["command_id"]
+    assert handled["ID_CHAMADA"] == cmd["redirect"]["ID_CHAMADA"]
+    assert handled["attempt"] == 1 and handled["duration_ms"] >= 0
 
 
 def test_send_wait_prints_the_outcome(
