@@ -29,8 +29,11 @@ typecheck: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
+# The broker restart stops the machine's RabbitMQ, so it runs alone, after the rest.
 chaos: $(STAMP)
 	PABX_CHAOS_FULL=1 $(BIN)/pytest tests/chaos -m chaos -s
+	PABX_CHAOS_FULL=1 PABX_CHAOS_BROKER_RESTART=1 \
+		$(BIN)/pytest tests/chaos/test_broker.py -k restart -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info pabx-worker.sqlite3*
