@@ -67,8 +67,26 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store: {exc}") from exc
 
+    @contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """One statement in autocommit: atomic on its own, without BEGIN/COMMIT round trips."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store: {exc}") from exc
+
     def claim(self, command_id: str, fingerprint: str, *, now: float, lease_s: float) -> Claim:
         token = uuid.uuid4().hex
+        with self._statement() as db:  # the common case, a new id: one statement
+            inserted = db.execute(
+                "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
+                " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
+                " ON CONFLICT (command_id) DO NOTHING",
+                (command_id, fingerprint, now, now, token, now + lease_s),
+            ).rowcount
+        if inserted == 1:
+            return Claim(ClaimState.NEW, now, 0, token)
         with self._transaction() as db:
             row = db.execute(
                 "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome"
@@ -132,7 +150,7 @@ class SqliteStore:
     def mark_sent(
         self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float
     ) -> bool:
-        with self._transaction() as db:
+        with self._statement() as db:
             cursor = db.execute(
                 "UPDATE pabx_commands SET state = 'sent', attempts = ?, lease_until = ?,"
                 " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL",
@@ -141,19 +159,21 @@ class SqliteStore:
             return cursor.rowcount == 1
 
     def record(self, command_id: str, token: str, outcome: bytes, attempts: int) -> bytes:
-        with self._transaction() as db:
-            db.execute(
+        with self._statement() as db:
+            stored = db.execute(
                 "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
                 " attempts = MAX(attempts, ?) WHERE command_id = ? AND outcome IS NULL",
                 (outcome, attempts, command_id),
-            )
+            ).rowcount
+            if stored == 1:
+                return outcome
             row = db.execute(
                 "SELECT outcome FROM pabx_commands WHERE command_id = ?", (command_id,)
             ).fetchone()
         return bytes(row[0]) if row and row[0] is not None else outcome
 
     def release(self, command_id: str, token: str, attempts: int) -> None:
-        with self._transaction() as db:
+        with self._statement() as db:
             db.execute(
                 "UPDATE pabx_commands SET state = 'released', token = NULL,"
                 " attempts = MAX(attempts, ?) WHERE command_id = ? AND token = ?"
