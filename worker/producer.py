@@ -98,7 +98,6 @@ class Producer:
             broker_call(
                 Topology.from_settings(settings).declare, broker_call(self._connection.channel)
             )
-        self._failed: list[str] = []
         self._publisher = ConfirmingPublisher(broker_call(self._connection.channel))
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}
@@ -127,41 +126,15 @@ class Producer:
         self, bodies: Iterable[tuple[bytes, str]], *, reply: bool = False, timeout: float = 30.0
     ) -> None:
         """Publish ``(body, correlation_id)`` pairs; returns once the broker confirmed all."""
-        props: dict[str, Any] = {"content_type": "application/json"}
-        if reply:
-            props["reply_to"] = self.reply_queue
-        outstanding = 0
-
-        def confirmed(ok: bool, cid: str) -> None:
-            nonlocal outstanding
-            outstanding -= 1
-            if not ok:
-                self._failed.append(cid)
-
-        for body, correlation_id in bodies:
-            publication = Publication(
-                body,
-                self._settings.commands_exchange,
-                self._settings.routing_key,
-                {
-                    **props,
-                    "correlation_id": correlation_id,
-                    "message_id": correlation_id,
-                    "timestamp": int(time.time()),
-                },
-                mandatory=True,
-            )
-            broker_call(
-                self._publisher.publish,
-                publication,
-                lambda ok, cid=correlation_id: confirmed(ok, cid),
-            )
-            outstanding += 1
-        self._drain_until(lambda: outstanding == 0, timeout)
-        if self._failed:
-            failed, self._failed = self._failed, []
+        report = self.publish_messages(
+            (Outgoing.command(body, cid) for body, cid in bodies), reply=reply, timeout=timeout
+        )
+        if report.error is not None:
+            raise BrokerError(report.error)
+        refused = [m.correlation_id for m, _ in report.failed]
+        if refused or report.unsettled:
             raise BrokerError(
-                f"the broker refused or could not route {len(failed)} command(s): {failed[:5]}"
+                f"the broker refused or could not route {len(refused)} command(s): {refused[:5]}"
                 f" (is a queue bound to {self._settings.commands_exchange!r}?)"
             )
 
