@@ -46,11 +46,37 @@ from worker.store.base import RETENTION_S, Claim, ClaimState
 
 __all__ = ["RedisStore"]
 
-# KEYS[1] record; ARGV fingerprint, now, lease_until, token, ttl_s.
-# Returns {kind, first_seen, attempts, extra}: extra is lease_until (busy) or outcome (done).
-_CLAIM = """
+# Lua fragments shared by _CLAIM and _REOPEN, which both take ARGV[2] now, ARGV[3]
+# lease_until, ARGV[4] token and ARGV[5] ttl_s.
+_READ = """
 local rec = redis.call('HMGET', KEYS[1], 'fp', 'first_seen', 'state', 'lease_until',
                        'attempts', 'outcome')
+"""
+_TAKE_LEASE = """
+redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
+           'updated_at', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+"""
+# An existing record without an outcome: busy while leased, else taken over.
+_CLAIM_EXISTING = (
+    """
+if rec[3] ~= 'released' and tonumber(rec[4]) > tonumber(ARGV[2]) then
+  return {'busy', rec[2], attempts, rec[4]}
+end
+local kind = 'new'
+if rec[3] == 'sent' then kind = 'takeover' end
+"""
+    + _TAKE_LEASE
+    + """
+return {kind, rec[2], attempts, ''}
+"""
+)
+
+# KEYS[1] record; ARGV fingerprint, now, lease_until, token, ttl_s.
+# Returns {kind, first_seen, attempts, extra}: extra is lease_until (busy) or outcome (done).
+_CLAIM = (
+    _READ
+    + """
 if not rec[1] then
   redis.call('HSET', KEYS[1], 'fp', ARGV[1], 'first_seen', ARGV[2], 'updated_at', ARGV[2],
              'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3], 'attempts', '0')
@@ -64,24 +90,17 @@ end
 if rec[6] then
   return {'done', rec[2], attempts, rec[6]}
 end
-if rec[3] ~= 'released' and tonumber(rec[4]) > tonumber(ARGV[2]) then
-  return {'busy', rec[2], attempts, rec[4]}
-end
-local kind = 'new'
-if rec[3] == 'sent' then kind = 'takeover' end
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
-           'updated_at', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {kind, rec[2], attempts, ''}
 """
+    + _CLAIM_EXISTING
+)
 
 # KEYS[1] record; ARGV outcome, now, lease_until, token, ttl_s. Same reply as _CLAIM: 'new'
 # when the stored outcome is exactly ARGV[1] (cleared, lease taken), otherwise what a
 # claim with the stored fingerprint answers (and does); 'conflict' for an unknown id,
 # creating nothing.
-_REOPEN = """
-local rec = redis.call('HMGET', KEYS[1], 'fp', 'first_seen', 'state', 'lease_until',
-                       'attempts', 'outcome')
+_REOPEN = (
+    _READ
+    + """
 if not rec[1] then
   return {'conflict', ARGV[2], '0', ''}
 end
@@ -91,21 +110,14 @@ if rec[6] then
     return {'done', rec[2], attempts, rec[6]}
   end
   redis.call('HDEL', KEYS[1], 'outcome')
-  redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
-             'updated_at', ARGV[2])
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
+"""
+    + _TAKE_LEASE
+    + """
   return {'new', rec[2], attempts, ''}
 end
-if rec[3] ~= 'released' and tonumber(rec[4]) > tonumber(ARGV[2]) then
-  return {'busy', rec[2], attempts, rec[4]}
-end
-local kind = 'new'
-if rec[3] == 'sent' then kind = 'takeover' end
-redis.call('HSET', KEYS[1], 'state', 'claimed', 'token', ARGV[4], 'lease_until', ARGV[3],
-           'updated_at', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-return {kind, rec[2], attempts, ''}
 """
+    + _CLAIM_EXISTING
+)
 
 # KEYS[1] record; ARGV token, attempts, lease_until, now, ttl_s. Returns 1 or 0.
 _MARK_SENT = """
