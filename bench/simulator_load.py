@@ -26,18 +26,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-BODY: dict[str, str] = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-    "FONTE_MUSICA": "1",
-    "TEMPO_FILA": "23",
-    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-    "TEMPO_POS_ATENDIMENTO": "5",
-}
+from worker.demo import EXAMPLE
+
+BODY: dict[str, str] = EXAMPLE
 DEFAULT_KEY = "bench-key"
 
 

@@ -17,6 +17,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from tests.vendor import VENDOR_EXAMPLE
 from worker.cli import app
 from worker.messages import Delivery, decode_command, event_id_for, fingerprint, raw_event_id
 from worker.models import ErrorInfo, OutcomeEvent, PabxInfo, RedirectCommand, Status
@@ -149,20 +150,8 @@ def test_there_are_enough_examples() -> None:
 
 
 def test_spec_example_is_the_vendor_example() -> None:
-    vendor = {
-        "DISPOSITIVO": "1125000",
-        "SENHA_DISPOSITIVO": "4567",
-        "DISPOSITIVO_DESTINO": "1132000",
-        "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-        "PRIORIDADE": "0",
-        "DADOS": "111222333-44;Fulano",
-        "FONTE_MUSICA": "1",
-        "TEMPO_FILA": "23",
-        "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-        "TEMPO_POS_ATENDIMENTO": "5",
-    }
     command = RedirectCommand.model_validate(_spec_example())
-    assert command.redirect.model_dump() == vendor
+    assert command.redirect.model_dump() == VENDOR_EXAMPLE
 
 
 @pytest.mark.parametrize("path", VALID, ids=_ids(VALID))

@@ -12,24 +12,12 @@ from typing import Any
 import pytest
 import requests
 
+from tests.vendor import VENDOR_EXAMPLE
 from worker.simulator import Faults, SimulatorThread, parse_faults
 
 API_KEY = "test-key-123"
 TIMEOUT = 10.0
 
-# The vendor example body, verbatim from seed/api-pabx-digitro-redirecionar-fila-dac.txt.
-VENDOR_EXAMPLE: dict[str, str] = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-    "FONTE_MUSICA": "1",
-    "TEMPO_FILA": "23",
-    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-    "TEMPO_POS_ATENDIMENTO": "5",
-}
 REQUIRED = [
     "DISPOSITIVO",
     "SENHA_DISPOSITIVO",

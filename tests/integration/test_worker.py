@@ -18,6 +18,7 @@ from tests.integration.conftest import (
     set_faults,
     sim_requests,
 )
+from tests.vendor import VENDOR_EXAMPLE
 from worker.consumer import Worker
 from worker.errors import ConfigurationError
 from worker.models import OutcomeEvent
@@ -25,18 +26,7 @@ from worker.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 
-VENDOR_BODY = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-    "FONTE_MUSICA": "1",
-    "TEMPO_FILA": "23",
-    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-    "TEMPO_POS_ATENDIMENTO": "5",
-}
+VENDOR_BODY = VENDOR_EXAMPLE
 
 
 def command(command_id: str | None = None, **changes: Any) -> dict[str, Any]:
