@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -17,6 +19,17 @@ from worker.simulator import Faults, SimulatorThread, parse_faults
 
 API_KEY = "test-key-123"
 TIMEOUT = 10.0
+DEFAULT_FAULTS = {
+    "latency_ms": 0,
+    "latency_max_ms": 0,
+    "fail_next": 0,
+    "fail_status": 503,
+    "error_rate": 0.0,
+    "hang": False,
+    "reset_after_read": False,
+    "trickle_ms": 0,
+    "trickle_bytes": 32,
+}
 
 REQUIRED = [
     "DISPOSITIVO",
@@ -270,24 +283,22 @@ def test_hang_never_answers(sim: SimulatorThread, http: requests.Session) -> Non
 
 
 def test_put_faults_replaces_every_setting(sim: SimulatorThread, http: requests.Session) -> None:
-    put_faults(sim, http, latency_ms=5, fail_next=3, fail_status=429, error_rate=0.5, hang=True)
-    current = http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json()
-    assert current == {
+    every = {
         "latency_ms": 5,
+        "latency_max_ms": 7,
         "fail_next": 3,
         "fail_status": 429,
         "error_rate": 0.5,
         "hang": True,
+        "reset_after_read": True,
+        "trickle_ms": 2.5,
+        "trickle_bytes": 4,
     }
+    put_faults(sim, http, **every)
+    assert http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json() == every
     put_faults(sim, http, fail_next=1)
     current = http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json()
-    assert current == {
-        "latency_ms": 0,
-        "fail_next": 1,
-        "fail_status": 503,
-        "error_rate": 0.0,
-        "hang": False,
-    }
+    assert current == {**DEFAULT_FAULTS, "fail_next": 1}
 
 
 @pytest.mark.parametrize(
@@ -314,18 +325,58 @@ def test_put_faults_rejects_bad_input(
     response = http.put(f"{sim.url}/_sim/faults", data=payload, timeout=TIMEOUT)
     assert response.status_code == 400
     assert response.json()["error"]
-    assert http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json() == {
-        "latency_ms": 0,
-        "fail_next": 0,
-        "fail_status": 503,
-        "error_rate": 0.0,
-        "hang": False,
-    }
+    assert http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json() == DEFAULT_FAULTS
+
+
+@pytest.mark.parametrize(
+    ("payload", "key"),
+    [
+        ('{"latency_max_ms": -1}', "latency_max_ms"),
+        ('{"latency_max_ms": "5"}', "latency_max_ms"),
+        ('{"latency_max_ms": true}', "latency_max_ms"),
+        ('{"latency_max_ms": NaN}', "latency_max_ms"),
+        ('{"latency_max_ms": Infinity}', "latency_max_ms"),
+        ('{"trickle_ms": -0.5}', "trickle_ms"),
+        ('{"trickle_ms": "20"}', "trickle_ms"),
+        ('{"trickle_ms": null}', "trickle_ms"),
+        ('{"trickle_bytes": 1}', "trickle_bytes"),
+        ('{"trickle_bytes": 0}', "trickle_bytes"),
+        ('{"trickle_bytes": 10.0}', "trickle_bytes"),
+        ('{"trickle_bytes": true}', "trickle_bytes"),
+        ('{"reset_after_read": 1}', "reset_after_read"),
+        ('{"reset_after_read": "true"}', "reset_after_read"),
+        ('{"reset_after_read": null}', "reset_after_read"),
+        ('{"latency_ms": 1, "trickle": 5}', "trickle"),
+    ],
+)
+def test_put_faults_rejects_bad_new_settings_naming_the_key(
+    sim: SimulatorThread, http: requests.Session, payload: str, key: str
+) -> None:
+    response = http.put(f"{sim.url}/_sim/faults", data=payload, timeout=TIMEOUT)
+    assert response.status_code == 400
+    assert key in response.json()["error"]
+    assert http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json() == DEFAULT_FAULTS
 
 
 def test_parse_faults_defaults() -> None:
     assert parse_faults({}) == Faults()
     assert parse_faults({"latency_ms": 10}).latency_ms == 10
+    defaults = Faults()
+    assert (defaults.latency_max_ms, defaults.trickle_ms, defaults.trickle_bytes) == (0, 0, 32)
+    assert defaults.reset_after_read is False
+
+
+def test_parse_faults_new_settings() -> None:
+    faults = parse_faults(
+        {"latency_max_ms": 50, "trickle_ms": 20, "trickle_bytes": 2, "reset_after_read": True}
+    )
+    assert faults == Faults(
+        latency_max_ms=50, trickle_ms=20, trickle_bytes=2, reset_after_read=True
+    )
+    with pytest.raises(ValueError, match="latency_max_ms"):
+        parse_faults({"latency_max_ms": math.inf})
+    with pytest.raises(ValueError, match="trickle_bytes"):
+        parse_faults({"trickle_bytes": 1})
 
 
 # --------------------------------------------------------------------------- admin
@@ -390,3 +441,228 @@ def recorded_plain(url: str) -> list[dict[str, Any]]:
         "requests"
     ]
     return result
+
+
+# --------------------------------------------------------------------------- timing, raw clients
+
+
+def host_port(sim: SimulatorThread) -> tuple[str, int]:
+    host, port = sim.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def raw_redirect(sim: SimulatorThread, *, key: str = API_KEY) -> socket.socket:
+    """Send one vendor request over a plain socket; the caller reads the answer."""
+    body = json.dumps(VENDOR_EXAMPLE).encode()
+    head = (
+        "POST /requests/17/executa-desvio HTTP/1.1\r\n"
+        f"Host: x\r\nx-api-key: {key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    conn = socket.create_connection(host_port(sim), timeout=TIMEOUT)
+    conn.sendall(head.encode() + body)
+    return conn
+
+
+def read_head(conn: socket.socket) -> tuple[bytes, bytes]:
+    """Read up to the end of the headers: (head, body bytes that came with it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(4096)
+        assert chunk, f"connection closed before the headers ended: {data!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def read_exactly(conn: socket.socket, data: bytes, size: int) -> bytes:
+    while len(data) < size:
+        chunk = conn.recv(4096)
+        assert chunk, f"connection closed after {len(data)} of {size} bytes"
+        data += chunk
+    return data
+
+
+def wait_until(check: Callable[[], bool], timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def only_record(sim: SimulatorThread, http: requests.Session) -> dict[str, Any]:
+    [entry] = recorded(sim, http)
+    return entry
+
+
+def test_records_carry_arrived_and_ended(sim: SimulatorThread, http: requests.Session) -> None:
+    before = time.time()
+    assert redirect(sim, http).status_code == 200
+    assert redirect(sim, http, key=None).status_code == 401
+    after = time.time()
+    first, second = recorded(sim, http)
+    for entry in (first, second):
+        assert isinstance(entry["arrived"], float)
+        assert isinstance(entry["ended"], float)
+        assert before - 1 <= entry["arrived"] <= entry["ended"] <= after + 1
+    assert first["ended"] <= second["arrived"]  # one connection, one request at a time
+    received = first["received_at"].replace("Z", "+00:00")
+    assert abs(datetime.fromisoformat(received).timestamp() - first["arrived"]) < 0.002
+
+
+def test_ended_is_null_while_a_hang_is_open(sim: SimulatorThread, http: requests.Session) -> None:
+    put_faults(sim, http, hang=True)
+    with raw_redirect(sim):
+        wait_until(lambda: len(recorded(sim, http)) == 1)
+        time.sleep(0.1)
+        entry = only_record(sim, http)
+        assert entry["ended"] is None
+        assert entry["status"] is None
+    wait_until(lambda: only_record(sim, http)["ended"] is not None, timeout=2)
+    entry = only_record(sim, http)
+    assert entry["status"] is None
+    assert entry["ended"] - entry["arrived"] >= 0.1
+
+
+def test_latency_max_spreads_latencies_within_bounds(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    put_faults(sim, http, latency_ms=20, latency_max_ms=120)
+    for _ in range(12):
+        assert redirect(sim, http).status_code == 200
+    durations = [e["ended"] - e["arrived"] for e in recorded(sim, http)]
+    assert len(durations) == 12
+    assert min(durations) >= 0.02 - 0.005
+    assert max(durations) <= 0.12 + 0.5
+    assert max(durations) - min(durations) >= 0.02  # not a fixed delay
+
+
+def test_latency_max_below_latency_keeps_the_fixed_latency(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    put_faults(sim, http, latency_ms=100, latency_max_ms=50)
+    assert redirect(sim, http).status_code == 200
+    entry = only_record(sim, http)
+    assert entry["ended"] - entry["arrived"] >= 0.1 - 0.005
+
+
+def test_trickle_sends_headers_at_once_and_the_body_slowly(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    trickle_ms, trickle_bytes = 50, 10
+    total = trickle_ms * trickle_bytes / 1000
+    put_faults(sim, http, trickle_ms=trickle_ms, trickle_bytes=trickle_bytes)
+    started = time.monotonic()
+    with raw_redirect(sim) as conn:
+        head, rest = read_head(conn)
+        headers_after = time.monotonic() - started
+        body = read_exactly(conn, rest, trickle_bytes)
+        body_after = time.monotonic() - started
+    lines = head.decode().split("\r\n")
+    assert lines[0].startswith("HTTP/1.1 200")
+    fields_ = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    assert fields_["content-length"] == str(trickle_bytes)
+    assert fields_["content-type"].startswith("application/json")
+    assert headers_after < total / 2
+    assert len(rest) < trickle_bytes
+    assert 0.8 * total <= body_after < total + 5
+    assert body == b"{}" + b" " * (trickle_bytes - 2)
+    assert json.loads(body) == {}
+    wait_until(lambda: only_record(sim, http)["ended"] is not None, timeout=2)
+    entry = only_record(sim, http)
+    assert entry["status"] == 200
+    assert entry["ended"] - entry["arrived"] >= 0.8 * total
+
+
+def test_trickled_answer_parses_with_requests(sim: SimulatorThread, http: requests.Session) -> None:
+    put_faults(sim, http, trickle_ms=20, trickle_bytes=10)
+    started = time.monotonic()
+    response = redirect(sim, http)
+    assert time.monotonic() - started >= 0.8 * 0.2
+    assert response.status_code == 200
+    assert response.json() == {}
+
+
+def test_trickle_stops_when_the_client_goes_away(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    put_faults(sim, http, trickle_ms=500, trickle_bytes=100)  # 50 s if nobody hung up
+    with raw_redirect(sim) as conn:
+        head, _ = read_head(conn)
+        assert head.startswith(b"HTTP/1.1 200")
+        wait_until(lambda: only_record(sim, http)["status"] == 200, timeout=2)
+        assert only_record(sim, http)["ended"] is None
+        hung_up = time.time()
+    wait_until(lambda: only_record(sim, http)["ended"] is not None, timeout=3)
+    entry = only_record(sim, http)
+    assert entry["status"] == 200
+    assert entry["ended"] - hung_up < 0.4  # noticed before the next byte was due
+
+
+def test_error_answers_are_not_trickled(sim: SimulatorThread, http: requests.Session) -> None:
+    put_faults(sim, http, trickle_ms=200, trickle_bytes=100, fail_next=1)  # 20 s per trickle
+    started = time.monotonic()
+    assert redirect(sim, http).status_code == 503
+    assert redirect(sim, http, key=None).status_code == 401
+    assert_400(redirect(sim, http, with_field("PRIORIDADE", "x")), "PRIORIDADE")
+    assert time.monotonic() - started < 2
+
+
+def test_reset_after_read_drops_the_connection_unanswered(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    put_faults(sim, http, reset_after_read=True)
+    with raw_redirect(sim) as conn:
+        try:
+            answer = conn.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b""
+    wait_until(lambda: only_record(sim, http)["ended"] is not None, timeout=2)
+    entry = only_record(sim, http)
+    assert entry["status"] is None
+    assert entry["body"] == VENDOR_EXAMPLE
+    assert entry["ended"] >= entry["arrived"]
+
+
+def test_reset_after_read_with_requests(sim: SimulatorThread, http: requests.Session) -> None:
+    put_faults(sim, http, reset_after_read=True, fail_next=1)  # the reset comes first
+    with pytest.raises(requests.ConnectionError):
+        redirect(sim, http)
+    assert http.get(f"{sim.url}/_sim/faults", timeout=TIMEOUT).json()["fail_next"] == 1
+    [entry] = recorded(sim, http)
+    assert entry["status"] is None
+    assert entry["ended"] is not None
+
+
+def test_hang_comes_before_reset_after_read(sim: SimulatorThread, http: requests.Session) -> None:
+    put_faults(sim, http, hang=True, reset_after_read=True)
+    with pytest.raises(requests.ReadTimeout):
+        redirect(sim, http, timeout=0.3)
+
+
+def test_latency_comes_before_reset_after_read(
+    sim: SimulatorThread, http: requests.Session
+) -> None:
+    put_faults(sim, http, latency_ms=150, reset_after_read=True)
+    started = time.monotonic()
+    with pytest.raises(requests.ConnectionError):
+        redirect(sim, http)
+    assert time.monotonic() - started >= 0.15
+
+
+def test_stop_is_not_blocked_by_a_trickle() -> None:
+    sim = SimulatorThread(api_key=API_KEY).start()
+    try:
+        requests.put(
+            f"{sim.url}/_sim/faults", json={"trickle_ms": 100, "trickle_bytes": 500}, timeout=5
+        ).raise_for_status()
+        with raw_redirect(sim) as conn:
+            head, _ = read_head(conn)
+            assert head.startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            sim.stop()
+            elapsed = time.monotonic() - started
+    finally:
+        sim.stop()
+    assert elapsed < 1.0

@@ -10,11 +10,14 @@ invalid request, ``401`` without an API key, ``403`` with a wrong one.  Error an
 
 Processing order for ``executa-desvio``:
 
-1. the request is read and recorded (so tests can count every request, answered or not);
-2. injected faults: sleep ``latency_ms``; then if ``hang`` wait until the client disconnects
-   or the server stops (never answered: recorded ``status`` stays ``null``); then if
-   ``fail_next > 0`` decrement it and answer ``fail_status``; then with probability
-   ``error_rate`` answer ``fail_status``;
+1. the request is recorded (``arrived`` is taken before the body is read, so tests can count
+   every request, answered or not) and its body is read;
+2. injected faults: sleep ``latency_ms`` (or, when ``latency_max_ms > latency_ms``, a uniform
+   random time between the two); then if ``hang`` wait until the client disconnects or the
+   server stops (never answered: recorded ``status`` stays ``null``); then if
+   ``reset_after_read`` abort the connection without answering (TCP reset; ``status`` stays
+   ``null``); then if ``fail_next > 0`` decrement it and answer ``fail_status``; then with
+   probability ``error_rate`` answer ``fail_status``;
 3. vendor rules, first failure wins: missing/empty ``x-api-key`` → 401; wrong key → 403;
    ``channelID`` not a decimal integer (ASCII digits only, at most 19 of them; ``0`` is
    accepted) → 400; body not UTF-8 JSON object → 400; unknown field → 400; missing required
@@ -25,7 +28,16 @@ Processing order for ``executa-desvio``:
    ``PRIORIDADE`` not a digit string with value 0..19 → 400; ``DADOS`` over 100 characters
    → 400; ``FONTE_MUSICA`` (vendor: "Limite de 10 fontes") not a digit string with value
    1..10 → 400; ``TEMPO_FILA`` / ``TEMPO_POS_ATENDIMENTO`` not digit strings → 400;
-4. otherwise ``200`` with body ``{}`` (``application/json``).
+4. otherwise ``200`` with body ``{}`` (``application/json``).  With ``trickle_ms > 0`` the
+   headers go out at once (``Content-Length: trickle_bytes``) and the body, ``{}`` padded with
+   trailing spaces to ``trickle_bytes`` bytes, follows one byte every ``trickle_ms``
+   milliseconds; it stops early if the client goes away (or the server stops, which aborts
+   the connection).  Error answers are never trickled.
+
+Every record gets ``ended`` (epoch seconds) once its answer has been fully written, or the
+connection was dropped or aborted, or a hang ended (client gone, server stopping); until then
+``ended`` is ``null``.  ``arrived``/``ended`` let tests check that requests did not overlap
+and how long each was open.
 
 The request ``Content-Type`` is not checked (the vendor does not document a reaction to it).
 
@@ -33,13 +45,19 @@ Admin API (not part of the vendor API):
 
 =========================  ===============================================================
 ``GET /_sim/requests``     ``{"requests": [{"channel_id", "headers", "body", "status",
-                           "received_at"}]}`` in arrival order; ``channel_id`` is an int or
-                           the raw path segment, ``body`` the parsed JSON or the raw text,
-                           headers as received (``x-api-key`` included, unredacted).
+                           "received_at", "arrived", "ended"}]}`` in arrival order;
+                           ``channel_id`` is an int or the raw path segment, ``body`` the
+                           parsed JSON or the raw text, headers as received (``x-api-key``
+                           included, unredacted); ``received_at`` is an ISO-8601 UTC string,
+                           ``arrived``/``ended`` epoch seconds (``time.time()``), ``ended``
+                           ``null`` while the request is open.
 ``DELETE /_sim/requests``  forget recorded requests (204).
-``PUT /_sim/faults``       JSON ``{"latency_ms", "fail_next", "fail_status", "error_rate",
-                           "hang"}``; replaces *every* setting (absent keys get their
-                           defaults, so a ``--latency-ms`` start value is reset too).
+``PUT /_sim/faults``       JSON ``{"latency_ms", "latency_max_ms", "fail_next",
+                           "fail_status", "error_rate", "hang", "reset_after_read",
+                           "trickle_ms", "trickle_bytes"}``; replaces *every* setting
+                           (absent keys get their defaults: 0, 0, 0, 503, 0.0, false, false,
+                           0, 32; so a ``--latency-ms`` start value is reset too).  Unknown
+                           keys and bad values are rejected (400 naming the key).
 ``GET /_sim/faults``       current fault settings.
 ``GET /_sim/health``       ``200 {"status": "ok"}``.
 =========================  ===============================================================
@@ -60,8 +78,12 @@ import math
 import random
 import re
 import signal
+import socket
+import struct
 import sys
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from types import TracebackType
@@ -105,6 +127,7 @@ FONTE_MUSICA_RANGE: Final = (1, 10)
 _DIGITS: Final = re.compile(r"[0-9]+")
 _CHANNEL_ID: Final = re.compile(r"[0-9]{1,19}")
 _OK_BODY: Final = b"{}"
+_PADDING: Final = b" "
 
 Record = dict[str, Any]
 
@@ -123,10 +146,14 @@ class Faults:
     """Injected fault settings, applied before the vendor rules."""
 
     latency_ms: float = 0
+    latency_max_ms: float = 0
     fail_next: int = 0
     fail_status: int = 503
     error_rate: float = 0.0
     hang: bool = False
+    reset_after_read: bool = False
+    trickle_ms: float = 0
+    trickle_bytes: int = 32
 
 
 def _number(name: str, value: object) -> float:
@@ -141,18 +168,52 @@ def _integer(name: str, value: object) -> int:
     return value
 
 
+def _non_negative_number(name: str, value: object) -> None:
+    if _number(name, value) < 0:
+        raise ValueError(f"{name} must be >= 0")
+
+
+def _non_negative_integer(name: str, value: object) -> None:
+    if _integer(name, value) < 0:
+        raise ValueError(f"{name} must be >= 0")
+
+
+def _fail_status(name: str, value: object) -> None:
+    if not 400 <= _integer(name, value) <= 599:
+        raise ValueError(f"{name} must be in 400..599")
+
+
+def _probability(name: str, value: object) -> None:
+    if not 0 <= _number(name, value) <= 1:
+        raise ValueError(f"{name} must be in 0..1")
+
+
+def _boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false")
+
+
+def _body_size(name: str, value: object) -> None:
+    if _integer(name, value) < len(_OK_BODY):
+        raise ValueError(f"{name} must be >= {len(_OK_BODY)}")
+
+
+_FAULT_CHECKS: Final[dict[str, Callable[[str, object], None]]] = {
+    "latency_ms": _non_negative_number,
+    "latency_max_ms": _non_negative_number,
+    "fail_next": _non_negative_integer,
+    "fail_status": _fail_status,
+    "error_rate": _probability,
+    "hang": _boolean,
+    "reset_after_read": _boolean,
+    "trickle_ms": _non_negative_number,
+    "trickle_bytes": _body_size,
+}
+
+
 def _check_fault_value(name: str, value: object) -> None:
     """Raise ValueError if ``value`` is not acceptable for fault setting ``name``."""
-    if name == "latency_ms" and _number(name, value) < 0:
-        raise ValueError("latency_ms must be >= 0")
-    if name == "fail_next" and _integer(name, value) < 0:
-        raise ValueError("fail_next must be >= 0")
-    if name == "fail_status" and not 400 <= _integer(name, value) <= 599:
-        raise ValueError("fail_status must be in 400..599")
-    if name == "error_rate" and not 0 <= _number(name, value) <= 1:
-        raise ValueError("error_rate must be in 0..1")
-    if name == "hang" and not isinstance(value, bool):
-        raise ValueError("hang must be true or false")
+    _FAULT_CHECKS[name](name, value)
 
 
 def parse_faults(data: object) -> Faults:
@@ -187,8 +248,9 @@ class _State:
 _STATE: Final = web.AppKey("pabx_simulator_state", _State)
 
 
-def _utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def _iso_utc(epoch: float) -> str:
+    moment = datetime.fromtimestamp(epoch, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -283,16 +345,83 @@ def _check_vendor_rules(state: _State, request: web.Request, body: _Body) -> Non
 # --------------------------------------------------------------------------- faults
 
 
-async def _hang(state: _State, request: web.Request) -> None:
-    """Wait until the client goes away or the server shuts down."""
+def _latency_s(faults: Faults) -> float:
+    """The delay before answering: ``latency_ms``, or uniform up to ``latency_max_ms``."""
+    if faults.latency_max_ms > faults.latency_ms:
+        return random.uniform(faults.latency_ms, faults.latency_max_ms) / 1000
+    return faults.latency_ms / 1000
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _wait_connected(state: _State, request: web.Request, seconds: float) -> bool:
+    """Wait ``seconds``; False as soon as the client goes away or the server shuts down."""
     stopping = state.stopping
     assert stopping is not None
-    while not stopping.is_set():
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not _client_gone(request) and not stopping.is_set():
+        left = deadline - loop.time()
+        if left <= 0:
+            return True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), _HANG_POLL_S)
+            await asyncio.wait_for(stopping.wait(), min(left, _HANG_POLL_S))
+    return False
+
+
+async def _hang(state: _State, request: web.Request) -> None:
+    """Wait until the client goes away or the server shuts down."""
+    await _wait_connected(state, request, math.inf)
+
+
+def _abort(request: web.Request) -> None:
+    """Close the connection at once, dropping any unsent data."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+
+
+def _reset_connection(request: web.Request) -> None:
+    """Abort the connection so that the client sees a TCP reset (RST), not an answer."""
+    transport = request.transport
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # linger 0: close() sends RST, not FIN
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    _abort(request)
+
+
+def _trickle_byte(index: int) -> bytes:
+    """Byte ``index`` of ``{}`` padded with trailing spaces."""
+    return _OK_BODY[index : index + 1] if index < len(_OK_BODY) else _PADDING
+
+
+async def _trickle(
+    state: _State, request: web.Request, record: Record, faults: Faults
+) -> web.StreamResponse:
+    """Answer ``200``: headers at once, then the padded body one byte every ``trickle_ms``.
+
+    Stops writing (and drops the connection) when the client goes away or the server stops.
+    """
+    response = web.StreamResponse(status=200)
+    response.content_type = "application/json"
+    response.content_length = faults.trickle_bytes
+    try:
+        writer = await response.prepare(request)
+        assert writer is not None
+        record["status"] = 200
+        for index in range(faults.trickle_bytes):
+            if not await _wait_connected(state, request, faults.trickle_ms / 1000):
+                _abort(request)  # the body cannot be completed
+                break
+            await response.write(_trickle_byte(index))
+            await writer.drain()
+    except ConnectionError:
+        pass  # the client went away: stop writing
+    return response
 
 
 def _failure_status(faults: Faults) -> int | None:
@@ -308,17 +437,22 @@ def _failure_status(faults: Faults) -> int | None:
 # --------------------------------------------------------------------------- handlers
 
 
-async def _executa_desvio(request: web.Request) -> web.StreamResponse:
-    state = request.app[_STATE]
+def _new_record(request: web.Request) -> Record:
+    arrived = time.time()
     raw_channel = request.match_info["channelID"]
-    record: Record = {
+    return {
         "channel_id": int(raw_channel) if _CHANNEL_ID.fullmatch(raw_channel) else raw_channel,
         "headers": dict(request.headers),
         "body": None,
         "status": None,
-        "received_at": _utc_now(),
+        "received_at": _iso_utc(arrived),
+        "arrived": arrived,
+        "ended": None,
     }
-    state.requests.append(record)
+
+
+async def _answer(state: _State, request: web.Request, record: Record) -> web.StreamResponse:
+    """Read the body, apply the faults and the vendor rules; the response to send."""
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -328,12 +462,16 @@ async def _executa_desvio(request: web.Request) -> web.StreamResponse:
     record["body"] = body.value
 
     faults = state.faults
-    if faults.latency_ms > 0:
-        await asyncio.sleep(faults.latency_ms / 1000)
+    delay = _latency_s(faults)
+    if delay > 0:
+        await asyncio.sleep(delay)
         faults = state.faults  # may have been replaced meanwhile
     if faults.hang:
         await _hang(state, request)  # never answered: the recorded status stays None
         return _error(503, "simulator stopping")
+    if faults.reset_after_read:
+        _reset_connection(request)  # never answered: the recorded status stays None
+        return _error(503, "connection reset")
     status = _failure_status(faults)
     if status is not None:
         record["status"] = status
@@ -343,8 +481,24 @@ async def _executa_desvio(request: web.Request) -> web.StreamResponse:
     except InvalidRequest as exc:
         record["status"] = exc.status
         return _error(exc.status, exc.message)
+    if faults.trickle_ms > 0:
+        return await _trickle(state, request, record, faults)
     record["status"] = 200
     return web.Response(body=_OK_BODY, content_type="application/json")
+
+
+async def _executa_desvio(request: web.Request) -> web.StreamResponse:
+    state = request.app[_STATE]
+    record = _new_record(request)
+    state.requests.append(record)
+    try:
+        response = await _answer(state, request, record)
+        with contextlib.suppress(ConnectionError):  # dropped or aborted: nothing to send
+            await response.prepare(request)
+            await response.write_eof()
+        return response
+    finally:
+        record["ended"] = time.time()  # written, dropped, aborted, or cancelled on shutdown
 
 
 async def _get_requests(request: web.Request) -> web.Response:
