@@ -8,10 +8,12 @@ mapped to these at the boundary that met them::
     ├── ConfigurationError          bad setting, topology mismatch (exit 2)
     ├── InvalidCommand              a command that can never succeed as sent
     ├── PabxError                   the PABX answered badly or not at all
-    │   ├── PabxTransientError      may succeed later: retry
-    │   │   ├── PabxUnreachable     connection refused/reset, timeout
-    │   │   │   └── CircuitOpen     not sent: the circuit breaker is open
-    │   │   └── PabxServerError     429, 500, 502, 503, 504
+    │   ├── PabxTransientError      may succeed later
+    │   │   ├── PabxUnreachable     not sent: refused, DNS, TLS handshake, connect timeout
+    │   │   │   ├── CircuitOpen     not sent: the target's circuit breaker is open
+    │   │   │   └── PabxUnavailable answered 429 or 503: it did not act, retry
+    │   │   └── PabxOutcomeUnknown  ambiguous: sent, then no answer (read timeout, reset,
+    │   │                           answer past its time bound) or 500, 502, 504
     │   └── PabxPermanentError      never retry
     │       ├── PabxBadRequest      400
     │       ├── PabxUnauthorized    401
@@ -31,19 +33,22 @@ __all__ = [
     "PabxBadRequest",
     "PabxError",
     "PabxForbidden",
+    "PabxOutcomeUnknown",
     "PabxPermanentError",
     "PabxRejected",
-    "PabxServerError",
     "PabxTransientError",
     "PabxUnauthorized",
+    "PabxUnavailable",
     "PabxUnreachable",
     "PabxWorkerError",
     "StoreError",
     "error_for_status",
 ]
 
-#: HTTP statuses worth retrying: the PABX may answer 200 later.
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: Answers that say the PABX did not act on the request: safe to send again.
+NOT_SENT_STATUSES = frozenset({429, 503})
+#: Answers after which the PABX may or may not have acted (SPEC §5: ambiguous).
+AMBIGUOUS_STATUSES = frozenset({500, 502, 504})
 
 
 class PabxWorkerError(Exception):
@@ -71,21 +76,31 @@ class PabxError(PabxWorkerError):
 
 
 class PabxTransientError(PabxError):
-    """A failure that may go away: worth retrying within the deadline."""
+    """A failure that may go away; whether it may be resent depends on the subclass."""
 
 
 class PabxUnreachable(PabxTransientError):
-    """No answer: connection failure or timeout."""
+    """Not sent: the request never reached the PABX (refused, DNS, TLS, connect timeout)."""
 
     code = "pabx_unreachable"
 
 
 class CircuitOpen(PabxUnreachable):
-    """Not sent: the PABX kept failing and the circuit breaker is open."""
+    """Not sent: the target kept failing and its circuit breaker is open."""
 
 
-class PabxServerError(PabxTransientError):
-    """The PABX answered 429 or a 5xx that may clear."""
+class PabxUnavailable(PabxUnreachable):
+    """The PABX answered 429 or 503: it did not act on the request; retry later."""
+
+
+class PabxOutcomeUnknown(PabxTransientError):
+    """Ambiguous: the request was written but no usable answer came, or 500/502/504.
+
+    The PABX may have carried the redirect out, so it is resent only when
+    ``RETRY_AMBIGUOUS`` says a repeated redirect is harmless.
+    """
+
+    code = "pabx_outcome_unknown"
 
 
 class PabxPermanentError(PabxError):
@@ -111,7 +126,7 @@ class PabxForbidden(PabxPermanentError):
 
 
 class PabxRejected(PabxPermanentError):
-    """Any other non-200 answer (404, 405, 500-range not worth retrying …)."""
+    """Any other non-200 answer (404, 405, 501 …)."""
 
 
 class StoreError(PabxWorkerError):
@@ -131,8 +146,10 @@ _BY_STATUS: dict[int, type[PabxError]] = {
 
 def error_for_status(status_code: int, detail: str = "") -> PabxError:
     """Return the error matching a non-200 PABX answer."""
-    if status_code in RETRYABLE_STATUSES:
-        cls: type[PabxError] = PabxServerError
+    if status_code in NOT_SENT_STATUSES:
+        cls: type[PabxError] = PabxUnavailable
+    elif status_code in AMBIGUOUS_STATUSES:
+        cls = PabxOutcomeUnknown
     else:
         cls = _BY_STATUS.get(status_code, PabxRejected)
     message = f"PABX answered {status_code}"

@@ -3,17 +3,56 @@
 Only this module knows the HTTP library (urllib3: a fraction of the CPU per call that
 ``requests`` spends, which bounds a worker's throughput); its exceptions and non-200
 answers are mapped here to :mod:`worker.errors`.
+
+Time bound
+    urllib3's ``Timeout(connect, read)`` bounds each socket operation, not a request: a
+    PABX trickling its answer a byte at a time would hold a request open forever. One
+    request as a whole (connect, TLS handshake, send, status line, headers, body) is
+    therefore bounded by ``connect_timeout_s + read_timeout_s``. Each :class:`HttpPabx` owns
+    one watchdog thread, the *reaper*, with a heap of (deadline, watch): a request registers
+    a watch (a heap push under a lock, no thread of its own), the connection carrying it
+    attaches itself to that watch, and when the deadline passes while the request is still
+    running the reaper shuts the connection's socket down, so the blocked read fails at
+    once. The connection is detached from its watch as soon as the answer is read, so a
+    watch firing later leaves it alone; one shut down just before (an answer complete at
+    the very deadline) goes back to the pool, where urllib3 finds it dead and replaces it.
+
+Classification
+    *Not sent* (:class:`~worker.errors.PabxUnreachable`): connection refused, DNS failure,
+    connect timeout, any failure before the first byte of the request was written (a TLS
+    handshake failure included), the time bound reached before that; and the answers 429
+    and 503 (:class:`~worker.errors.PabxUnavailable`).
+    *Ambiguous* (:class:`~worker.errors.PabxOutcomeUnknown`): once the request was written,
+    a read timeout, a reset or close of the connection, an answer cut short at the time
+    bound (even if its status line had come); and the answers 500, 502 and 504. Other
+    non-200 answers are permanent (:func:`~worker.errors.error_for_status`). Messages name
+    the failure, never a secret.
+
+Keep-alive
+    urllib3 drops a pooled connection it finds closed by the PABX; besides, a connection
+    idle for longer than ``idle_timeout_s`` (keep it below the PABX's keep-alive timeout) is
+    closed and replaced instead of reused, so a request never meets a socket the PABX is
+    closing.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
+import math
+import socket
+import threading
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import urllib3
-from urllib3.exceptions import HTTPError, NewConnectionError, TimeoutError
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 
-from worker.errors import PabxUnreachable, error_for_status
+from worker.errors import PabxError, PabxOutcomeUnknown, PabxUnreachable, error_for_status
 from worker.settings import PabxTarget
 
 __all__ = ["OPERATION", "HttpPabx"]
@@ -21,12 +60,246 @@ __all__ = ["OPERATION", "HttpPabx"]
 #: The vendor operation relayed today.
 OPERATION = "executa-desvio"
 
+#: How soon the reaper tries again to cut a request whose socket is not there yet.
+_RETRY_CUT_S = 0.02
+
+
+class _Watch:
+    """One request's deadline and the connection carrying it; guarded by the reaper's lock."""
+
+    __slots__ = ("active", "conn", "cut", "deadline", "fired", "lock", "sent")
+
+    def __init__(self, deadline: float, lock: threading.Lock) -> None:
+        self.deadline = deadline
+        self.lock = lock
+        self.conn: HTTPConnection | None = None
+        #: False once the request is over: the reaper leaves it alone.
+        self.active = True
+        #: The deadline passed while the request was running.
+        self.fired = False
+        #: The first byte of the request was about to be written.
+        self.sent = False
+        #: The reaper shut the socket down before the answer was read in full.
+        self.cut = False
+
+
+class _Current(threading.local):
+    """The watch of the request this thread is making, set around the urllib3 call."""
+
+    watch: _Watch | None = None
+
+
+_current = _Current()
+
+
+class _DeadlinePassed(ConnectionAbortedError):
+    """Raised instead of writing a request whose time bound has already passed."""
+
+
+def _attach(conn: HTTPConnection) -> _Watch | None:
+    watch = _current.watch
+    if watch is not None and watch.conn is not conn:
+        with watch.lock:
+            watch.conn = conn
+    return watch
+
+
+class _WatchedHTTPConnection(HTTPConnection):
+    """Attaches itself to the current thread's watch when it connects or sends."""
+
+    #: When the pool got the connection back; None while in use.
+    idle_since: float | None = None
+
+    def connect(self) -> None:
+        _attach(self)
+        super().connect()
+
+    def send(self, data: Any) -> None:
+        watch = _attach(self)
+        if watch is not None and not watch.sent:
+            if self.sock is None:
+                self.connect()  # what http.client would do: connect failures stay "not sent"
+            with watch.lock:
+                if watch.fired:
+                    raise _DeadlinePassed("time bound passed before the request was sent")
+                watch.sent = True
+        super().send(data)
+
+    def getresponse(self) -> Any:
+        # The answer is read in full here (preload_content): detach at once, so a watch
+        # firing from now on leaves the connection alone.
+        response = super().getresponse()
+        _detach(self)
+        return response
+
+
+class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
+    """The TLS flavour; the handshake runs in ``connect``, so it is watched too."""
+
+
+def _take(conn: Any, idle_timeout_s: float) -> Any:
+    """A connection leaving the pool: closed (to reconnect) if idle for too long."""
+    if isinstance(conn, _WatchedHTTPConnection):
+        since, conn.idle_since = conn.idle_since, None
+        if since is not None and time.monotonic() - since > idle_timeout_s and not conn.is_closed:
+            conn.close()
+    return conn
+
+
+def _detach(conn: HTTPConnection) -> None:
+    watch = _current.watch
+    if watch is not None and watch.conn is conn:
+        with watch.lock:
+            watch.conn = None
+
+
+def _give_back(conn: Any) -> None:
+    """A connection going back to the pool: detached from this thread's watch, timestamped."""
+    if isinstance(conn, _WatchedHTTPConnection):
+        _detach(conn)
+        conn.idle_since = time.monotonic()
+
+
+class _WatchedHTTPPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedHTTPConnection
+    idle_timeout_s = 4.0
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _take(super()._get_conn(timeout), self.idle_timeout_s)
+
+    def _put_conn(self, conn: Any) -> None:
+        _give_back(conn)
+        super()._put_conn(conn)
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+    idle_timeout_s = 4.0
+
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        return _take(super()._get_conn(timeout), self.idle_timeout_s)
+
+    def _put_conn(self, conn: Any) -> None:
+        _give_back(conn)
+        super()._put_conn(conn)
+
+
+class _PoolManager(urllib3.PoolManager):
+    """A PoolManager whose pools hand out watched connections and expire idle ones."""
+
+    def __init__(self, *, idle_timeout_s: float, **connection_pool_kw: Any) -> None:
+        super().__init__(**connection_pool_kw)
+        self.idle_timeout_s = idle_timeout_s
+        self.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
+
+    def _new_pool(
+        self,
+        scheme: str,
+        host: str,
+        port: int,
+        request_context: dict[str, Any] | None = None,
+    ) -> HTTPConnectionPool:
+        pool = super()._new_pool(scheme, host, port, request_context)
+        if isinstance(pool, _WatchedHTTPPool | _WatchedHTTPSPool):
+            pool.idle_timeout_s = self.idle_timeout_s
+        return pool
+
+
+class _Reaper:
+    """One watchdog thread: shuts the socket of a request past its deadline down."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self._heap: list[tuple[float, int, _Watch]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+        #: When the thread wakes next on its own: a later deadline needs no notify.
+        self._wake_at = math.inf
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        return self._thread
+
+    def watch(self, bound_s: float) -> _Watch:
+        """Register a request that must be over within ``bound_s``; starts the thread lazily."""
+        watch = _Watch(time.monotonic() + bound_s, self.lock)
+        with self.lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pabx-reaper", daemon=True)
+                self._thread.start()
+            heapq.heappush(self._heap, (watch.deadline, next(self._seq), watch))
+            if watch.deadline < self._wake_at:
+                self._wake_at = watch.deadline
+                self._wake.notify()
+        return watch
+
+    def release(self, watch: _Watch) -> None:
+        """The request is over: drop it, and the finished requests behind it, off the heap top.
+
+        Deadlines are mostly in request order, so the heap stays about as long as the
+        requests in flight and the thread sleeps until a deadline that may matter.
+        """
+        with self.lock:
+            watch.active = False
+            watch.conn = None
+            heap = self._heap
+            while heap and not heap[0][2].active:
+                heapq.heappop(heap)
+
+    def stop(self) -> None:
+        """Stop and join the thread; the next :meth:`watch` starts another."""
+        with self.lock:
+            thread, self._thread = self._thread, None
+            self._wake_at = math.inf
+            self._wake.notify()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        me = threading.current_thread()
+        with self.lock:
+            while self._thread is me:
+                now = time.monotonic()
+                while self._heap and self._heap[0][0] <= now:
+                    _, _, watch = heapq.heappop(self._heap)
+                    if watch.active and not self._cut(watch):
+                        heapq.heappush(self._heap, (now + _RETRY_CUT_S, next(self._seq), watch))
+                self._wake_at = self._heap[0][0] if self._heap else math.inf
+                self._wake.wait(self._wake_at - now if self._heap else None)
+
+    @staticmethod
+    def _cut(watch: _Watch) -> bool:
+        """Shut the request's socket down (lock held); False to try again shortly."""
+        watch.fired = True
+        sock = None if watch.conn is None else watch.conn.sock
+        if not isinstance(sock, socket.socket):
+            return False  # connecting, or between connections
+        try:
+            # The plain socket's shutdown, also for an SSLSocket: the blocked read sees EOF.
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except OSError:
+            return False
+        watch.cut = True
+        return True
+
 
 class HttpPabx:
-    """A :class:`~worker.pipeline.PabxClient` over urllib3, pooled and kept alive."""
+    """A :class:`~worker.pipeline.PabxClient` over urllib3, pooled, kept alive, time-bound."""
 
-    def __init__(self, *, pool_size: int, connect_timeout_s: float, read_timeout_s: float) -> None:
-        self._pool = urllib3.PoolManager(
+    def __init__(
+        self,
+        *,
+        pool_size: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        idle_timeout_s: float = 4.0,
+    ) -> None:
+        self._bound_s = connect_timeout_s + read_timeout_s
+        self._too_long = f"PABX answer took longer than {self._bound_s:g} s"
+        self._reaper = _Reaper()
+        self._pool = _PoolManager(
+            idle_timeout_s=idle_timeout_s,
             num_pools=8,
             maxsize=pool_size,
             block=False,
@@ -41,17 +314,39 @@ class HttpPabx:
             "Content-Type": "application/json",
         }
         payload = json.dumps(body, ensure_ascii=False).encode()
+        watch = self._reaper.watch(self._bound_s)
+        _current.watch = watch
         try:
             response = self._pool.request("POST", url, body=payload, headers=headers)
-        except NewConnectionError as exc:  # a ConnectTimeoutError subclass, oddly
-            raise PabxUnreachable(f"PABX unreachable: {type(exc).__name__}") from exc
-        except TimeoutError as exc:
-            raise PabxUnreachable(f"PABX timed out: {type(exc).__name__}") from exc
         except HTTPError as exc:
-            raise PabxUnreachable(f"PABX unreachable: {type(exc).__name__}") from exc
+            raise self._failure(exc, watch) from exc
+        finally:
+            _current.watch = None
+            self._reaper.release(watch)
+        if watch.cut:  # a status line came, but the rest of the answer was cut short
+            raise PabxOutcomeUnknown(self._too_long)
+        # An answer read in full stands, even if its watch fired right after.
         if response.status != 200:
             raise error_for_status(response.status)
         return int(response.status)
 
+    def _failure(self, exc: HTTPError, watch: _Watch) -> PabxError:
+        name = type(exc).__name__
+        if watch.fired:
+            if watch.sent:
+                return PabxOutcomeUnknown(self._too_long)
+            return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
+        if isinstance(exc, NewConnectionError):  # a ConnectTimeoutError subclass, oddly
+            return PabxUnreachable(f"PABX unreachable: {name}")
+        if isinstance(exc, ConnectTimeoutError):
+            return PabxUnreachable(f"PABX connect timed out: {name}")
+        if not watch.sent:  # TLS handshake failures (SSLError, reset, timeout) among others
+            return PabxUnreachable(f"PABX unreachable: {name}")
+        if isinstance(exc, ReadTimeoutError):
+            return PabxOutcomeUnknown(f"PABX timed out after the request was sent: {name}")
+        return PabxOutcomeUnknown(f"PABX connection lost after the request was sent: {name}")
+
     def close(self) -> None:
+        """Close the pooled connections and stop the reaper thread."""
         self._pool.clear()
+        self._reaper.stop()
