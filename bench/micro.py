@@ -191,8 +191,9 @@ def http_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
 def store_steps(
     stores: list[str], n: int, results: list[dict[str, Any]], urls: dict[str, str]
 ) -> None:
-    """The three round trips a new command costs the store: claim, mark_sent, record."""
+    """The round trips a new command costs the store: claim, mark_sent (with its call), record."""
     from worker.store import open_store
+    from worker.store.base import CallRef
 
     outcome = b'{"specversion":"1.0"}' * 20
     for name in stores:
@@ -214,8 +215,8 @@ def store_steps(
             cid = f"{run}-{i}"
             now = time.time()
             claim = store.claim(cid, "fp", now=now, lease_s=60)
-            store.mark_sent(cid, claim.token, 1, now=now, lease_s=60)
-            store.record(cid, claim.token, outcome, 1)
+            store.mark_sent(cid, claim.token, CallRef(f"{run}:{i}", now), now=now, lease_s=60)
+            store.record(cid, claim.token, outcome, now=now)
 
         def claim_only(i: int, store: Any = store, run: str = run) -> None:
             store.claim(f"{run}c-{i}", "fp", now=time.time(), lease_s=60)
@@ -238,6 +239,7 @@ def _cleanup(name: str, url: str, run: str) -> None:
 
         with redis.Redis.from_url(url) as client:
             keys = list(client.scan_iter(match=f"pabx:cmd:{run}*", count=1000))
+            keys += client.scan_iter(match=f"pabx:call:{run}:*", count=1000)
             for i in range(0, len(keys), 1000):
                 client.delete(*keys[i : i + 1000])
     elif name == "postgres":
@@ -245,6 +247,7 @@ def _cleanup(name: str, url: str, run: str) -> None:
 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("DELETE FROM pabx_commands WHERE command_id LIKE %s", (f"{run}%",))
+            conn.execute("DELETE FROM pabx_commands_calls WHERE call_key LIKE %s", (f"{run}:%",))
 
 
 def broker_steps(sim_url: str, amqp_url: str, n: int, results: list[dict[str, Any]]) -> None:

@@ -2,16 +2,38 @@
 
 Per command id the store keeps: the body fingerprint, when it was first seen,
 a lease (owner token and expiry) while a worker handles it, how many PABX
-requests were made, and the outcome event once there is one::
+requests were marked sent, the call it redirects, and the outcome event once
+there is one::
 
     (none) --claim--> claimed --mark_sent--> sent --record--> done
-                       ^ |                     |                |
+                       ^ |   ^                 |                |
+                       | |   +-----renew-------+                |
                        | +------release--------+--> released    |
                        |                        (retry queue)   |
                        +-------------------reopen---------------+
 
-A lease that lapses without an outcome lets another worker take the command
-over (``TAKEOVER``): a worker died, and the PABX may or may not have seen it.
+**Leases and fencing.** A claim hands out a lease token. Every later step
+(``mark_sent``, ``renew``, ``record``, ``release``) carries it and does nothing
+unless the token is still the record's own: a worker whose lease lapsed and was
+taken over can neither send nor record. A lease that lapses without an outcome
+lets another worker take the command over (``TAKEOVER`` after a send: a worker
+died, and the PABX may or may not have seen it).
+
+**Attempts** are the store's own count: ``mark_sent`` adds one and returns the
+new count, so an outcome built from it is never below what the PABX received.
+
+**Per-call record** (SPEC §5, order per call). A call is (``pabx``,
+``ID_CHAMADA``), given as :class:`CallRef` with the command's place in the
+call's issue order. ``mark_sent`` checks and updates it in the same atomic step:
+the call is held by at most one command at a time (from ``mark_sent`` until that
+command's ``record`` or ``release``, or until its lease lapses; ``renew``
+extends both), and it remembers the newest command sent for it. A command older
+than that one is ``SUPERSEDED``; another command holding the call makes it
+``CALL_BUSY``. Neither counts as an attempt.
+
+**Fleet rate limit.** ``reserve_slot`` hands out request slots per PABX target
+spaced ``interval_s`` apart on the store's clock (one shared schedule for every
+worker using the store) and returns how long the caller must wait for its slot.
 
 ``reopen`` takes a finished command back (an operator replays it): the outcome
 is cleared and the caller holds a fresh lease, attempts kept, exactly as if it
@@ -24,7 +46,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-__all__ = ["RETENTION_S", "Claim", "ClaimState", "Store"]
+__all__ = ["RETENTION_S", "CallRef", "Claim", "ClaimState", "Send", "SendState", "Store"]
 
 #: How long records are kept before purge may drop them (SPEC §5: at least 24 h).
 RETENTION_S = 48 * 3600.0
@@ -38,6 +60,38 @@ class ClaimState(StrEnum):
     DONE = "done"  # an outcome is recorded: publish it again
     CONFLICT = "conflict"  # same id, different body
     BUSY = "busy"  # another worker holds a live lease
+
+
+class SendState(StrEnum):
+    """What :meth:`Store.mark_sent` found."""
+
+    SENT = "sent"  # marked: the request may go out; attempts is the new count
+    LEASE_LOST = "lease_lost"  # the token is not the record's any more, or it is done
+    CALL_BUSY = "call_busy"  # another command of the same call may be in flight
+    SUPERSEDED = "superseded"  # a newer command of the same call was already sent
+
+
+@dataclass(frozen=True)
+class CallRef:
+    """The call a command redirects and the command's place in that call's issue order."""
+
+    #: ``"{pabx}:{ID_CHAMADA}"``; target names contain no ``:``.
+    key: str
+    #: Issue time in epoch seconds (``issued_at``, AMQP timestamp, or first seen).
+    order: float
+
+
+@dataclass(frozen=True)
+class Send:
+    """The answer to :meth:`Store.mark_sent`."""
+
+    state: SendState
+    #: SENT: the store's request count for the command, this one included.
+    attempts: int = 0
+    #: SUPERSEDED: the newer command already sent for the call.
+    newer: str | None = None
+    #: CALL_BUSY: when the other command's hold on the call lapses (store clock, caller's now).
+    busy_until: float | None = None
 
 
 @dataclass(frozen=True)
@@ -55,18 +109,56 @@ class Claim:
 class Store(Protocol):
     """Durable idempotency records; every method raises StoreError when the backend fails."""
 
-    def claim(self, command_id: str, fingerprint: str, *, now: float, lease_s: float) -> Claim:
-        """Take the command id for this worker, or say why not."""
+    def claim(
+        self,
+        command_id: str,
+        fingerprint: str,
+        *,
+        now: float,
+        lease_s: float,
+        token: str | None = None,
+    ) -> Claim:
+        """Take the command id for this worker, or say why not.
+
+        ``token`` (default: a fresh one) becomes the lease token. A claim repeated with
+        the token that already holds the lease (its first answer was lost in a store
+        outage) takes the lease again (``NEW``, attempts kept) instead of finding it
+        ``BUSY``.
+        """
         ...
 
     def mark_sent(
-        self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float
-    ) -> bool:
-        """Record that a PABX request is about to go out and renew the lease."""
+        self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
+    ) -> Send:
+        """Atomically: check the lease and the call, then count one request as sent.
+
+        ``LEASE_LOST`` unless ``token`` is the record's and no outcome is stored.
+        With ``call``: ``SUPERSEDED`` (``newer`` set) when the call's newest sent
+        command is another one whose order is greater than ``call.order``;
+        ``CALL_BUSY`` (``busy_until`` set) when another command holds the call with
+        an unlapsed lease. Otherwise the command holds the call until ``now + lease_s``
+        and becomes the call's newest sent command unless an equal-or-newer one is
+        already recorded there. Then attempts += 1, state ``sent``, lease renewed to
+        ``now + lease_s``; returns ``SENT`` with the new count. Only ``SENT`` changes
+        anything.
+        """
         ...
 
-    def record(self, command_id: str, token: str, outcome: bytes, attempts: int) -> bytes:
-        """Store the outcome; returns the outcome now stored (an earlier one wins)."""
+    def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
+        """Extend a held lease (and the command's hold on its call) to ``now + lease_s``.
+
+        False, changing nothing, when the token is not the record's or it is done.
+        """
+        ...
+
+    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+        """Store the outcome if ``token`` still holds the lease; returns what is stored.
+
+        An outcome already stored wins and is returned whatever the token. Without
+        one, a stale token stores nothing and returns ``None`` (the lease was lost).
+        Storing also releases the command's hold on its call. A record that is gone
+        (purged) stores nothing and returns ``outcome``.
+        """
         ...
 
     def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
@@ -83,12 +175,28 @@ class Store(Protocol):
         """
         ...
 
-    def release(self, command_id: str, token: str, attempts: int) -> None:
-        """Give up the lease without an outcome (the command waits in a retry queue)."""
+    def release(self, command_id: str, token: str, *, now: float) -> None:
+        """Give up the lease and the hold on the call, without an outcome (retry queue).
+
+        Does nothing unless ``token`` is the record's and no outcome is stored.
+        """
+        ...
+
+    def reserve_slot(self, target: str, *, interval_s: float) -> float:
+        """Reserve the next request slot for ``target``; returns seconds to wait for it.
+
+        Slots are ``interval_s`` apart on the store's own clock, shared by every
+        process using the store: slot = max(store_now, next); next = slot + interval_s;
+        returns slot - store_now (0 when the slot is now). A reserved slot is used up
+        even if the caller then sends nothing.
+        """
         ...
 
     def purge(self, *, older_than: float) -> int:
-        """Drop records last touched before ``older_than``; returns how many."""
+        """Drop command and call records last touched before ``older_than``; returns how many.
+
+        Counts command records only.
+        """
         ...
 
     def ping(self) -> None:

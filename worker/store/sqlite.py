@@ -5,12 +5,33 @@ process (``kill -9``) because it is in the WAL before the call returns; a power
 loss may roll back the last commits, which at worst lets a command that was
 "sent" be sent again (at-least-once toward the PABX). ``FULL`` would close
 that window at the price of an fsync per state change.
+
+Tables: ``pabx_commands`` (one row per command id; ``call_key`` names the call the
+command holds or held), ``pabx_calls`` (the per-call record: ``holder`` and
+``holder_until``, the ``newest`` command sent and its ``newest_order``,
+``updated_at``) and ``pabx_slots`` (per PABX target, ``next_at``: the next free
+request slot). A file written by the version before the per-call record gets the
+``call_key`` column (``ALTER TABLE``) and the two new tables when it is opened.
+
+Atomicity across threads and processes: every step is either one statement in
+autocommit (a new claim, ``mark_sent`` without a call) or one ``BEGIN IMMEDIATE``
+transaction, which takes the file's write lock before reading, so no other
+connection can write between the read and the update. Fencing: ``mark_sent``,
+``renew``, ``record`` and ``release`` change nothing unless the row's ``token`` is
+the caller's and no outcome is stored; ``mark_sent`` checks and takes the call in
+the same transaction, and ``record``/``release`` let go of the call in it.
+
+Clocks: lease and call times are the caller's ``now``. ``reserve_slot`` uses this
+host's clock (``time.time()``), read inside the ``BEGIN IMMEDIATE`` transaction so
+the time a slot is reserved at is the time the writer lock was held; every user of
+one SQLite file is a process on this host, so they share that clock.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.errors import StoreError
-from worker.store.base import Claim, ClaimState
+from worker.store.base import CallRef, Claim, ClaimState, Send, SendState
 
 __all__ = ["SqliteStore"]
 
@@ -32,16 +53,37 @@ CREATE TABLE IF NOT EXISTS pabx_commands (
     token       TEXT,
     lease_until REAL NOT NULL DEFAULT 0,
     attempts    INTEGER NOT NULL DEFAULT 0,
-    outcome     BLOB
+    outcome     BLOB,
+    call_key    TEXT
 );
 CREATE INDEX IF NOT EXISTS pabx_commands_updated ON pabx_commands (updated_at);
+CREATE TABLE IF NOT EXISTS pabx_calls (
+    call_key     TEXT PRIMARY KEY,
+    holder       TEXT,
+    holder_until REAL NOT NULL DEFAULT 0,
+    newest       TEXT,
+    newest_order REAL NOT NULL DEFAULT 0,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pabx_calls_updated ON pabx_calls (updated_at);
+CREATE TABLE IF NOT EXISTS pabx_slots (
+    target  TEXT PRIMARY KEY,
+    next_at REAL NOT NULL
+);
 """
+
+# Let go of the call ``call_key`` if ``command_id`` holds it: record and release.
+_LET_GO = (
+    "UPDATE pabx_calls SET holder = NULL, holder_until = 0, updated_at = ?"
+    " WHERE call_key = ? AND holder = ?"
+)
 
 
 class SqliteStore:
     """:class:`~worker.store.base.Store` on one SQLite file shared by threads and processes."""
 
     def __init__(self, path: str | Path) -> None:
+        self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(
                 str(path), timeout=30.0, isolation_level=None, check_same_thread=False
@@ -51,7 +93,10 @@ class SqliteStore:
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreError(f"SQLite store {path}: {exc}") from exc
-        self._lock = threading.Lock()
+        with self._transaction() as db:  # one process migrates; the others then see the column
+            columns = {row[1] for row in db.execute("PRAGMA table_info(pabx_commands)")}
+            if "call_key" not in columns:  # a file from before the per-call record
+                db.execute("ALTER TABLE pabx_commands ADD COLUMN call_key TEXT")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -76,8 +121,16 @@ class SqliteStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"SQLite store: {exc}") from exc
 
-    def claim(self, command_id: str, fingerprint: str, *, now: float, lease_s: float) -> Claim:
-        token = uuid.uuid4().hex
+    def claim(
+        self,
+        command_id: str,
+        fingerprint: str,
+        *,
+        now: float,
+        lease_s: float,
+        token: str | None = None,
+    ) -> Claim:
+        token = token or uuid.uuid4().hex
         with self._statement() as db:  # the common case, a new id: one statement
             inserted = db.execute(
                 "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
@@ -89,7 +142,7 @@ class SqliteStore:
             return Claim(ClaimState.NEW, now, 0, token)
         with self._transaction() as db:
             row = db.execute(
-                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome"
+                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
                 " FROM pabx_commands WHERE command_id = ?",
                 (command_id,),
             ).fetchone()
@@ -108,13 +161,13 @@ class SqliteStore:
         token = uuid.uuid4().hex
         with self._transaction() as db:  # BEGIN IMMEDIATE: one writer from read to update
             row = db.execute(
-                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome"
+                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
                 " FROM pabx_commands WHERE command_id = ?",
                 (command_id,),
             ).fetchone()
             if row is None:  # never seen or purged: nothing to take back
                 return Claim(ClaimState.CONFLICT, now)
-            _, first_seen, _, _, attempts, stored = row
+            _, first_seen, _, _, attempts, stored, _ = row
             if stored is not None and bytes(stored) == outcome:
                 db.execute(
                     "UPDATE pabx_commands SET state = 'claimed', outcome = NULL, token = ?,"
@@ -134,56 +187,145 @@ class SqliteStore:
         lease_s: float,
     ) -> Claim:
         """What a claim with the row's own fingerprint finds (inside the transaction)."""
-        _, first_seen, state, lease_until, attempts, outcome = row
+        _, first_seen, state, lease_until, attempts, outcome, held_by = row
         if outcome is not None:
             return Claim(ClaimState.DONE, first_seen, attempts, outcome=bytes(outcome))
-        if state != "released" and lease_until > now:
+        mine = held_by == token  # our own claim, repeated: take it again
+        if not mine and state != "released" and lease_until > now:
             return Claim(ClaimState.BUSY, first_seen, attempts, lease_until=lease_until)
         db.execute(
             "UPDATE pabx_commands SET state = 'claimed', token = ?, lease_until = ?,"
             " updated_at = ? WHERE command_id = ?",
             (token, now + lease_s, now, command_id),
         )
-        kind = ClaimState.TAKEOVER if state == "sent" else ClaimState.NEW
+        kind = ClaimState.TAKEOVER if state == "sent" and not mine else ClaimState.NEW
         return Claim(kind, first_seen, attempts, token)
 
     def mark_sent(
-        self, command_id: str, token: str, attempts: int, *, now: float, lease_s: float
-    ) -> bool:
-        with self._statement() as db:
-            cursor = db.execute(
-                "UPDATE pabx_commands SET state = 'sent', attempts = ?, lease_until = ?,"
-                " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL",
-                (attempts, now + lease_s, now, command_id, token),
-            )
-            return cursor.rowcount == 1
+        self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
+    ) -> Send:
+        if call is None:  # no call to check: one statement
+            with self._statement() as db:
+                rows = db.execute(
+                    "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
+                    " lease_until = ?, updated_at = ?"
+                    " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING attempts",
+                    (now + lease_s, now, command_id, token),
+                ).fetchall()  # drained: the statement (and its autocommit) is finished
+            return Send(SendState.SENT, rows[0][0]) if rows else Send(SendState.LEASE_LOST)
+        with self._transaction() as db:
+            held = db.execute(
+                "SELECT 1 FROM pabx_commands"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL",
+                (command_id, token),
+            ).fetchone()
+            if held is None:
+                return Send(SendState.LEASE_LOST)
+            refused = self._take_call(db, command_id, call, now, now + lease_s)
+            if refused is not None:
+                return refused
+            (attempts,) = db.execute(
+                "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
+                " lease_until = ?, updated_at = ?, call_key = ? WHERE command_id = ?"
+                " RETURNING attempts",
+                (now + lease_s, now, call.key, command_id),
+            ).fetchall()[0]
+            return Send(SendState.SENT, attempts)
 
-    def record(self, command_id: str, token: str, outcome: bytes, attempts: int) -> bytes:
-        with self._statement() as db:
-            stored = db.execute(
+    @staticmethod
+    def _take_call(
+        db: sqlite3.Connection, command_id: str, call: CallRef, now: float, until: float
+    ) -> Send | None:
+        """Hold the call for ``command_id``, or say why not (inside the transaction)."""
+        row = db.execute(
+            "SELECT holder, holder_until, newest, newest_order FROM pabx_calls WHERE call_key = ?",
+            (call.key,),
+        ).fetchone()
+        newest, newest_order = command_id, call.order
+        if row is not None:
+            holder, holder_until, stored_newest, stored_order = row
+            if stored_newest not in (None, command_id) and stored_order > call.order:
+                return Send(SendState.SUPERSEDED, newer=stored_newest)
+            if holder not in (None, command_id) and holder_until > now:
+                return Send(SendState.CALL_BUSY, busy_until=holder_until)
+            if stored_newest is not None and call.order < stored_order:
+                newest, newest_order = stored_newest, stored_order
+        db.execute(
+            "INSERT INTO pabx_calls (call_key, holder, holder_until, newest, newest_order,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (call_key) DO UPDATE SET"
+            " holder = excluded.holder, holder_until = excluded.holder_until,"
+            " newest = excluded.newest, newest_order = excluded.newest_order,"
+            " updated_at = excluded.updated_at",
+            (call.key, command_id, until, newest, newest_order, now),
+        )
+        return None
+
+    def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE pabx_commands SET lease_until = ?, updated_at = ?"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING call_key",
+                (now + lease_s, now, command_id, token),
+            ).fetchall()
+            if not rows:
+                return False
+            if rows[0][0] is not None:
+                db.execute(
+                    "UPDATE pabx_calls SET holder_until = ?, updated_at = ?"
+                    " WHERE call_key = ? AND holder = ?",
+                    (now + lease_s, now, rows[0][0], command_id),
+                )
+            return True
+
+    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+        with self._transaction() as db:
+            rows = db.execute(
                 "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
-                " attempts = MAX(attempts, ?) WHERE command_id = ? AND outcome IS NULL",
-                (outcome, attempts, command_id),
-            ).rowcount
-            if stored == 1:
+                " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
+                " RETURNING call_key",
+                (outcome, now, command_id, token),
+            ).fetchall()
+            if rows:
+                if rows[0][0] is not None:
+                    db.execute(_LET_GO, (now, rows[0][0], command_id))
                 return outcome
             row = db.execute(
                 "SELECT outcome FROM pabx_commands WHERE command_id = ?", (command_id,)
             ).fetchone()
-        return bytes(row[0]) if row and row[0] is not None else outcome
+        if row is None:  # purged meanwhile: nothing to keep it in
+            return outcome
+        return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
 
-    def release(self, command_id: str, token: str, attempts: int) -> None:
-        with self._statement() as db:
+    def release(self, command_id: str, token: str, *, now: float) -> None:
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING call_key",
+                (now, command_id, token),
+            ).fetchall()
+            if rows and rows[0][0] is not None:
+                db.execute(_LET_GO, (now, rows[0][0], command_id))
+
+    def reserve_slot(self, target: str, *, interval_s: float) -> float:
+        with self._transaction() as db:
+            now = time.time()  # read under the write lock: this host's clock, shared by all
+            row = db.execute(
+                "SELECT next_at FROM pabx_slots WHERE target = ?", (target,)
+            ).fetchone()
+            slot = now if row is None else max(now, row[0])
             db.execute(
-                "UPDATE pabx_commands SET state = 'released', token = NULL,"
-                " attempts = MAX(attempts, ?) WHERE command_id = ? AND token = ?"
-                " AND outcome IS NULL",
-                (attempts, command_id, token),
+                "INSERT INTO pabx_slots (target, next_at) VALUES (?, ?)"
+                " ON CONFLICT (target) DO UPDATE SET next_at = excluded.next_at",
+                (target, slot + interval_s),
             )
+        return slot - now
 
     def purge(self, *, older_than: float) -> int:
         with self._transaction() as db:
             cursor = db.execute("DELETE FROM pabx_commands WHERE updated_at < ?", (older_than,))
+            db.execute("DELETE FROM pabx_calls WHERE updated_at < ?", (older_than,))
+            # A slot whose next time has passed is what no row means: slot = now.
+            db.execute("DELETE FROM pabx_slots WHERE next_at < ?", (older_than,))
             return cursor.rowcount
 
     def ping(self) -> None:
