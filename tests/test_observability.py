@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from worker.errors import PabxServerError
+from worker.errors import PabxUnavailable
 from worker.fakes import FakePabx
 from worker.observability import HealthServer, MeteredPabx, Metrics
 from worker.settings import PabxTarget
@@ -42,16 +42,16 @@ def test_healthz_is_always_ok_and_readyz_follows_readiness(
     assert requests.get(f"{base}/nope", timeout=5).status_code == 404
 
 
-def test_metrics_expose_pabx_durations_by_result(
+def test_metrics_expose_pabx_durations_by_target_and_result(
     metrics: Metrics, server: tuple[HealthServer, list[bool]]
 ) -> None:
     pabx = MeteredPabx(FakePabx([503]), metrics)
-    with pytest.raises(PabxServerError):
+    with pytest.raises(PabxUnavailable):
         pabx.redirect(TARGET, 1, {"SENHA_DISPOSITIVO": "4567"})
     assert pabx.redirect(TARGET, 1, {}) == 200
     metrics.commands.labels("accepted", "false").inc()
     text = requests.get(f"http://127.0.0.1:{server[0].port}/metrics", timeout=5).text
-    assert 'pabx_worker_pabx_request_seconds_count{result="503"} 1.0' in text
-    assert 'pabx_worker_pabx_request_seconds_count{result="200"} 1.0' in text
+    assert 'pabx_worker_pabx_request_seconds_count{result="503",target="default"} 1.0' in text
+    assert 'pabx_worker_pabx_request_seconds_count{result="200",target="default"} 1.0' in text
     assert 'pabx_worker_commands_total{duplicate="false",status="accepted"} 1.0' in text
     assert "never-shown-key" not in text and "4567" not in text

@@ -8,12 +8,14 @@ from typing import Any
 
 import pytest
 
-from worker.errors import PabxUnreachable
+from worker.circuit import CircuitBreaker, CircuitState
+from worker.errors import PabxOutcomeUnknown, PabxUnreachable, StoreError
 from worker.fakes import FakePabx
 from worker.messages import Delivery
 from worker.models import OutcomeEvent, Status
 from worker.pipeline import Action, Decision, Policy, Processor
 from worker.settings import PabxTarget
+from worker.store.base import CallRef, Send, SendState
 from worker.store.memory import MemoryStore
 
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
@@ -47,9 +49,14 @@ def delivery(body: Any = None, **props: Any) -> Delivery:
 class Clock:
     def __init__(self) -> None:
         self.now = NOW
+        self.slept: list[float] = []
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
 
 
 @pytest.fixture
@@ -58,15 +65,20 @@ def clock() -> Clock:
 
 
 def make(
-    pabx: FakePabx, clock: Clock, store: MemoryStore | None = None, **policy: Any
+    pabx: FakePabx,
+    clock: Clock,
+    store: MemoryStore | None = None,
+    targets: dict[str, PabxTarget] | None = None,
+    **policy: Any,
 ) -> Processor:
     return Processor(
         pabx=pabx,
-        store=store or MemoryStore(),
-        targets={"default": TARGET},
+        store=store or MemoryStore(clock=clock),
+        targets=targets or {"default": TARGET},
         policy=Policy(in_process_max_wait_s=0.01, **policy),
         passwords={"7000": "secret-from-file"},
         clock=clock,
+        sleep=clock.sleep,
     )
 
 
@@ -142,10 +154,11 @@ def test_transient_failures_past_the_in_process_budget_go_to_a_retry_queue(clock
 
 
 def test_attempt_budget_exhausted_fails_the_command(clock: Clock) -> None:
-    pabx = FakePabx([500] * 3)
+    pabx = FakePabx([503] * 3)
     decision = run(make(pabx, clock, max_attempts=3), delivery())
     assert decision.status is Status.FAILED and decision.park
-    assert decision.error is not None and decision.error.code == "pabx_error"
+    assert decision.error is not None and decision.error.code == "pabx_unreachable"
+    assert event(decision).data.attempts == 3 == len(pabx.requests)
 
 
 def test_retry_that_would_land_past_the_deadline_expires(clock: Clock) -> None:
@@ -219,7 +232,8 @@ def test_lapsed_lease_after_a_send_is_taken_over_and_counts_attempts(clock: Cloc
     prepared = processor.prepare(delivery())
     claim = store.claim("cmd-1", prepared.fingerprint, now=NOW - 100, lease_s=30)
     assert claim.token is not None
-    store.mark_sent("cmd-1", claim.token, 1, now=NOW - 100, lease_s=30)  # then the worker died
+    sent = store.mark_sent("cmd-1", claim.token, None, now=NOW - 100, lease_s=30)
+    assert sent.attempts == 1  # then the worker died
     decision = processor.execute(prepared)
     assert decision.status is Status.ACCEPTED and event(decision).data.attempts == 2
 
@@ -282,8 +296,8 @@ def test_expired_outcome_is_recorded_so_a_resend_replays_it(clock: Clock) -> Non
 
 def test_lost_lease_means_no_request(clock: Clock) -> None:
     class StolenStore(MemoryStore):
-        def mark_sent(self, *args: Any, **kwargs: Any) -> bool:
-            return False
+        def mark_sent(self, *args: Any, **kwargs: Any) -> Send:
+            return Send(SendState.LEASE_LOST)
 
     pabx = FakePabx()
     decision = run(make(pabx, clock, StolenStore()), delivery())
@@ -343,3 +357,184 @@ def test_replaying_an_accepted_command_never_sends_it_again(clock: Clock) -> Non
     replayed = run(processor, delivery(headers={"x-pabx-replay": 1}))
     assert replayed.duplicate and event(replayed).id == event(accepted).id
     assert len(pabx.requests) == 1
+
+
+# -- SPEC §5: what is resent, order per call, fencing, pacing, breakers ----------------
+
+
+@pytest.mark.parametrize(
+    "answer", [500, 502, 504, PabxOutcomeUnknown("PABX read timed out: ReadTimeoutError")]
+)
+def test_ambiguous_failure_is_not_resent_by_default(clock: Clock, answer: Any) -> None:
+    pabx = FakePabx([answer, 200])
+    decision = run(make(pabx, clock), delivery())
+    assert len(pabx.requests) == 1
+    assert decision.status is Status.FAILED and decision.park
+    assert decision.error is not None and decision.error.code == "pabx_outcome_unknown"
+    assert "RETRY_AMBIGUOUS" in decision.error.message
+    assert event(decision).data.attempts == 1
+
+
+def test_retry_ambiguous_resends_and_counts_every_request(clock: Clock) -> None:
+    pabx = FakePabx([500, PabxOutcomeUnknown("reset")])
+    decision = run(make(pabx, clock, retry_ambiguous=True), delivery())
+    assert decision.status is Status.ACCEPTED
+    assert len(pabx.requests) == 3 == event(decision).data.attempts
+
+
+def test_not_sent_failures_are_resent_even_without_retry_ambiguous(clock: Clock) -> None:
+    pabx = FakePabx([429, PabxUnreachable("refused")])
+    decision = run(make(pabx, clock), delivery())
+    assert decision.status is Status.ACCEPTED and len(pabx.requests) == 3
+
+
+def _at(seconds: float) -> str:
+    return datetime.fromtimestamp(NOW + seconds, UTC).isoformat()
+
+
+def test_older_command_for_a_call_already_redirected_is_superseded(clock: Clock) -> None:
+    pabx = FakePabx()
+    processor = make(pabx, clock)
+    newer = run(processor, delivery(command(command_id="new", issued_at=_at(-1))))
+    older = run(processor, delivery(command(command_id="old", issued_at=_at(-2))))
+    assert newer.status is Status.ACCEPTED and len(pabx.requests) == 1
+    assert older.status is Status.REJECTED and not older.park
+    assert older.error is not None and older.error.code == "superseded"
+    assert "new" in older.error.message
+    again = run(processor, delivery(command(command_id="old", issued_at=_at(-2))))
+    assert again.duplicate and event(again).id == event(older).id
+
+
+def test_commands_for_other_calls_or_targets_are_not_superseded(clock: Clock) -> None:
+    pabx = FakePabx()
+    other = PabxTarget(url="http://other.invalid", api_key="k", channel_id=1)
+    processor = make(pabx, clock, targets={"default": TARGET, "b": other})
+    run(processor, delivery(command(command_id="new", issued_at=_at(-1))))
+    call = command(command_id="c2", issued_at=_at(-2), redirect={"ID_CHAMADA": "other"})
+    target = command(command_id="c3", issued_at=_at(-2), pabx="b")
+    assert run(processor, delivery(call)).status is Status.ACCEPTED
+    assert run(processor, delivery(target)).status is Status.ACCEPTED
+
+
+def test_call_held_by_another_worker_waits_then_goes_through_the_broker(clock: Clock) -> None:
+    store = MemoryStore(clock=clock)
+    pabx = FakePabx()
+    processor = make(pabx, clock, store, request_s=2.0)
+    holder = processor.prepare(delivery(command(command_id="holder", issued_at=_at(-5))))
+    claim = store.claim("holder", holder.fingerprint, now=NOW, lease_s=30)
+    call = CallRef(holder.call_key or "", NOW - 5)
+    assert store.mark_sent("holder", claim.token or "", call, now=NOW, lease_s=30).attempts == 1
+    decision = run(processor, delivery(command(issued_at=_at(-1))))
+    assert decision.action is Action.RETRY and pabx.requests == []
+    assert decision.delay_s >= 1.0 and sum(clock.slept) >= 2.0  # waited in process first
+    store.record("holder", claim.token or "", b"{}", now=clock())
+    assert run(processor, delivery(command(issued_at=_at(-1)))).status is Status.ACCEPTED
+
+
+def test_outcome_is_not_recorded_by_a_worker_that_lost_its_lease(clock: Clock) -> None:
+    class TakenOver(MemoryStore):
+        def record(self, *args: Any, **kwargs: Any) -> bytes | None:
+            return None
+
+    pabx = FakePabx()
+    decision = run(make(pabx, clock, TakenOver(clock=clock)), delivery())
+    assert decision.action is Action.RETRY and decision.event is None
+
+
+def test_rate_limit_slot_is_waited_for_before_the_command_is_marked_sent(clock: Clock) -> None:
+    steps: list[str] = []
+
+    class Watched(MemoryStore):
+        def reserve_slot(self, target: str, *, interval_s: float) -> float:
+            steps.append("slot")
+            return super().reserve_slot(target, interval_s=interval_s)
+
+        def mark_sent(self, *args: Any, **kwargs: Any) -> Send:
+            steps.append(f"mark after {sum(clock.slept):.1f}s")
+            return super().mark_sent(*args, **kwargs)
+
+    paced = TARGET.model_copy(update={"rate_limit": 2.0})
+    processor = make(FakePabx(), clock, Watched(clock=clock), targets={"default": paced})
+    for n in range(3):
+        decision = run(processor, delivery(command(command_id=f"c{n}", issued_at=_at(n))))
+        assert decision.status is Status.ACCEPTED
+    assert steps == [
+        "slot",
+        "mark after 0.0s",
+        "slot",
+        "mark after 0.5s",
+        "slot",
+        "mark after 1.0s",
+    ]
+
+
+def test_rate_limit_slot_past_the_deadline_expires_without_a_request(clock: Clock) -> None:
+    store = MemoryStore(clock=clock)
+    paced = TARGET.model_copy(update={"rate_limit": 0.1})
+    store.reserve_slot("default", interval_s=60)  # the next slot is a minute away
+    pabx = FakePabx()
+    decision = run(
+        make(pabx, clock, store, targets={"default": paced}), delivery(command(expires_at=_at(30)))
+    )
+    assert decision.status is Status.EXPIRED and pabx.requests == []
+    assert decision.error is not None and "rate limit" in decision.error.message
+
+
+def test_one_target_down_does_not_stop_the_other(clock: Clock) -> None:
+    down = PabxTarget(url="http://down.invalid", api_key="k", channel_id=1, name="a")
+    up = PabxTarget(url="http://up.invalid", api_key="k", channel_id=1, name="b")
+
+    class Pabx(FakePabx):
+        def redirect(self, target: PabxTarget, channel_id: int, body: Any) -> int:
+            if target.name == "a":
+                raise PabxUnreachable("refused")
+            return super().redirect(target, channel_id, body)
+
+    pabx = Pabx()
+    processor = Processor(
+        pabx=pabx,
+        store=MemoryStore(clock=clock),
+        targets={"a": down, "b": up},
+        policy=Policy(in_process_max_wait_s=0.01),
+        breakers={"a": CircuitBreaker(threshold=2, reset_s=60, clock=clock)},
+        clock=clock,
+        sleep=clock.sleep,
+    )
+    first = run(processor, delivery(command(command_id="a1", pabx="a")))
+    assert first.action is Action.RETRY
+    assert processor.breakers["a"].state is CircuitState.OPEN
+    held = run(processor, delivery(command(command_id="a2", pabx="a")))
+    assert held.action is Action.RETRY and held.attempts == 0  # not sent: circuit open
+    for n in range(3):
+        assert run(processor, delivery(command(command_id=f"b{n}", pabx="b"))).status is (
+            Status.ACCEPTED
+        )
+    assert processor.breakers["b"].state is CircuitState.CLOSED
+
+
+def test_store_outage_after_the_send_waits_and_records_without_resending(clock: Clock) -> None:
+    class Flaky(MemoryStore):
+        failures = 2
+
+        def record(self, *args: Any, **kwargs: Any) -> bytes | None:
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("down")
+            return super().record(*args, **kwargs)
+
+    pabx = FakePabx()
+    processor = make(pabx, clock, Flaky(clock=clock))
+    decision = run(processor, delivery())
+    assert decision.status is Status.ACCEPTED and len(pabx.requests) == 1
+    assert processor.store_breaker.state is CircuitState.CLOSED
+
+
+def test_store_down_at_the_claim_raises_and_opens_the_store_circuit(clock: Clock) -> None:
+    class Down(MemoryStore):
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise StoreError("down")
+
+    processor = make(FakePabx(), clock, Down(clock=clock))
+    with pytest.raises(StoreError):
+        run(processor, delivery())
+    assert processor.store_breaker.state is not CircuitState.CLOSED

@@ -1,72 +1,53 @@
-"""Token-bucket pacing per PABX target, measured on the real clock against the simulator."""
+"""Fleet-wide pacing per PABX target: slots from the store, waited for before sending."""
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
-import requests
-
-from worker.pabx import HttpPabx
-from worker.ratelimit import RateLimitedPabx, TokenBucket
+from tests.checks import most_in_window, rate_limit_holds
+from worker.ratelimit import FleetRateLimit
 from worker.settings import PabxTarget
-from worker.simulator import SimulatorThread
+from worker.store.memory import MemoryStore
 
-BODY = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "x",
-    "PRIORIDADE": "0",
-    "DADOS": "d",
-}
+FREE = PabxTarget(url="http://free", api_key="k", channel_id=1)
+PACED = PabxTarget(url="http://paced", api_key="k", channel_id=1, rate_limit=5)
 
 
-def test_bucket_paces_on_a_fake_clock() -> None:
-    now = [0.0]
-    waits: list[float] = []
-    bucket = TokenBucket(10, clock=lambda: now[0], sleep=waits.append)
-    for _ in range(5):
-        bucket.acquire()
-    assert waits == [0.1, 0.2, 0.30000000000000004, 0.4]
+def test_only_targets_with_a_limit_take_slots() -> None:
+    store = MemoryStore()
+    pace = FleetRateLimit(store, {"free": FREE, "paced": PACED})
+    assert [pace.reserve("free") for _ in range(5)] == [0.0] * 5
+    waits = [pace.reserve("paced") for _ in range(3)]
+    assert waits[0] < 0.01 and 0.19 < waits[1] < 0.21 and 0.39 < waits[2] < 0.41
 
 
-def test_limited_target_stays_within_ten_percent_of_its_rate() -> None:
-    with SimulatorThread(api_key="k") as sim:
-        limited = PabxTarget(url=sim.url, api_key="k", channel_id=1, rate_limit=50)
-        free = PabxTarget(url=sim.url + "/", api_key="k", channel_id=1)
-        http = HttpPabx(pool_size=8, connect_timeout_s=2, read_timeout_s=2)
-        pabx = RateLimitedPabx(http, {"a": limited, "b": free})
-        count = 60
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda _: pabx.redirect(limited, 1, BODY), range(5)))  # warm up
-            requests.delete(f"{sim.url}/_sim/requests", timeout=5)
-            list(pool.map(lambda _: pabx.redirect(limited, 1, BODY), range(count)))
-        stamps = [
-            r["received_at"]
-            for r in requests.get(f"{sim.url}/_sim/requests", timeout=5).json()["requests"]
-        ]
-        http.close()
-    from datetime import datetime
+def test_two_limiters_on_one_store_share_the_schedule() -> None:
+    store = MemoryStore()
+    first = FleetRateLimit(store, {"paced": PACED})
+    second = FleetRateLimit(store, {"paced": PACED})
+    waits = [first.reserve("paced"), second.reserve("paced"), first.reserve("paced")]
+    assert waits[1] > 0.19 and waits[2] > 0.39
 
-    times = sorted(datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp() for s in stamps)
-    rate = (len(times) - 1) / (times[-1] - times[0])
+
+def test_threads_waiting_for_slots_keep_the_window_rule() -> None:
+    store = MemoryStore()
+    paced = PACED.model_copy(update={"rate_limit": 50})
+    pace = FleetRateLimit(store, {"paced": paced})
+    sent: list[float] = []
+
+    def one(_: int) -> None:
+        pace.wait(pace.reserve("paced"))
+        sent.append(time.time())
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(100)))
+    rate = (len(sent) - 1) / (max(sent) - min(sent))
     assert 45 <= rate <= 55, rate
+    assert rate_limit_holds(sent, 50, window_s=1.0)
 
 
-def test_only_targets_with_a_limit_are_paced(monkeypatch: pytest.MonkeyPatch) -> None:
-    acquired: list[float] = []
-    monkeypatch.setattr(TokenBucket, "acquire", lambda self: acquired.append(0.0) or 0.0)
-
-    class Fake:
-        def redirect(self, target: PabxTarget, channel_id: int, body: object) -> int:
-            return 200
-
-    free = PabxTarget(url="http://free", api_key="k", channel_id=1)
-    paced = PabxTarget(url="http://paced", api_key="k", channel_id=1, rate_limit=5)
-    pabx = RateLimitedPabx(Fake(), {"free": free, "paced": paced})
-    for _ in range(10):
-        pabx.redirect(free, 1, BODY)
-    for _ in range(3):
-        pabx.redirect(paced, 1, BODY)
-    assert len(acquired) == 3
+def test_window_rule_counts_the_busiest_window() -> None:
+    assert most_in_window([0, 1, 2, 3, 4, 5, 10], 5) == 6
+    assert rate_limit_holds([i / 10 for i in range(66)], 10)  # 66 in 5 s ≤ 55 + 10 + 1
+    assert not rate_limit_holds([i / 100 for i in range(100)], 10)

@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from worker.circuit import CircuitBreaker
+from worker.circuit import CircuitBreaker, CircuitState
 from worker.consumer import Worker
 from worker.errors import ConfigurationError
+from worker.leases import LeaseKeeper
 from worker.logs import configure_logging
 from worker.observability import HealthServer, MeteredPabx, Metrics
 from worker.pabx import HttpPabx
 from worker.pipeline import PabxClient, Policy, Processor
-from worker.ratelimit import RateLimitedPabx
 from worker.settings import Settings
 from worker.store import open_store
 
@@ -33,31 +33,39 @@ def secrets_of(settings: Settings) -> list[str]:
 
 @contextmanager
 def build_processor(settings: Settings, metrics: Metrics | None = None) -> Iterator[Processor]:
-    """A Processor with its PABX client and store, closed on exit.
+    """A Processor with its PABX client, store and lease keeper, closed on exit.
 
-    The PABX client is layered: HTTP, timed for metrics, paced per target.
+    The PABX client is layered: HTTP, timed for metrics. Each target has its own breaker.
     """
     targets = settings.require_targets()
     passwords = settings.device_passwords()
+    policy = Policy.from_settings(settings)
     store = open_store(settings.store_url)
     http = HttpPabx(
         pool_size=settings.concurrency,
         connect_timeout_s=settings.pabx_connect_timeout_s,
         read_timeout_s=settings.pabx_read_timeout_s,
+        idle_timeout_s=settings.pabx_idle_timeout_s,
     )
     timed: PabxClient = http if metrics is None else MeteredPabx(http, metrics)
+    leases = LeaseKeeper(store, lease_s=policy.lease_s).start()
     try:
         yield Processor(
-            pabx=RateLimitedPabx(timed, targets),
+            pabx=timed,
             store=store,
             targets=targets,
-            policy=Policy.from_settings(settings),
+            policy=policy,
             passwords=passwords,
-            breaker=CircuitBreaker(
-                threshold=settings.circuit_threshold, reset_s=settings.circuit_reset_s
-            ),
+            breakers={
+                name: CircuitBreaker(
+                    threshold=settings.circuit_threshold, reset_s=settings.circuit_reset_s
+                )
+                for name in targets
+            },
+            leases=leases,
         )
     finally:
+        leases.stop()
         http.close()
         store.close()
 
@@ -93,7 +101,8 @@ def _health_server(settings: Settings, worker: Worker, processor: Processor) -> 
 
     def ready() -> bool:
         state = worker.state
-        return state.connected and state.consuming and processor.store_answers()
+        store_up = processor.store_breaker.state is CircuitState.CLOSED
+        return state.connected and state.consuming and store_up and processor.store_answers()
 
     try:
         server = HealthServer(

@@ -1,4 +1,4 @@
-"""A circuit breaker over the PABX: stop consuming while it keeps failing, probe, resume.
+"""A circuit breaker over a dependency (one per PABX target, one for the store).
 
 ``CLOSED`` → (``threshold`` transient failures in a row) → ``OPEN`` → (``reset_s``
 later) → ``HALF_OPEN``: one probe request may go out; its success closes the
@@ -60,6 +60,11 @@ class CircuitBreaker:
                 self._probing = True
                 return True
             return False
+
+    def abandon(self) -> None:
+        """A request allowed by :meth:`allow` will not go out after all: free the probe."""
+        with self._lock:
+            self._probing = False
 
     def success(self) -> None:
         with self._lock:

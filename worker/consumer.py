@@ -59,7 +59,8 @@ class WorkerState:
     consuming: bool = False
     in_flight: int = 0
     sessions: int = 0
-    circuit: str = "closed"
+    #: Circuit state by PABX target name.
+    circuits: dict[str, str] = field(default_factory=dict)
     handled: dict[str, int] = field(default_factory=dict)
 
 
@@ -97,12 +98,19 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.metrics.in_flight.set_function(lambda: self.state.in_flight)
         self.metrics.connected.set_function(lambda: int(self.state.connected))
-        self.metrics.circuit.set_function(lambda: CIRCUIT_VALUES[self.state.circuit])
+        for name, breaker in processor.breakers.items():
+            self.metrics.circuit.labels(name).set_function(
+                lambda b=breaker: CIRCUIT_VALUES[b.state.value]  # type: ignore[misc]
+            )
+        self.metrics.store_up.set_function(
+            lambda: int(processor.store_breaker.state is CircuitState.CLOSED)
+        )
         self.ready = threading.Event()
 
     def stop(self) -> None:
         """Ask the worker to finish in-flight commands and return from :meth:`run`."""
         self._stop.set()
+        self._processor.stopping.set()
 
     def run(self) -> None:
         """Consume until stopped; a ConfigurationError (topology mismatch) ends it."""
@@ -154,11 +162,15 @@ class Worker:
     # -- called from worker threads -----------------------------------------------------
 
     def _execute(self, job: _Job) -> None:
+        """Handle one command; while the store is down, hold it here (no retry queue)."""
         try:
-            job.decision = self._processor.execute(job.prepared)
-        except StoreError as exc:
-            log.warning("store unavailable; command delayed", extra={"error": str(exc)})
-            job.decision = Decision(Action.RETRY, delay_s=0.0, command_id=job.prepared.command_id)
+            while job.decision is None:
+                try:
+                    job.decision = self._processor.execute(job.prepared)
+                except StoreError as exc:
+                    log.warning("store unavailable; command held", extra={"error": str(exc)})
+                    if not self._processor.wait_for_store():
+                        return  # stopping: the broker gets it back
         except Exception:
             log.exception("command handling failed", extra={"command_id": job.prepared.command_id})
         finally:
@@ -212,15 +224,24 @@ class _Session:
         return self.worker.state.in_flight == 0 and not self.unacked
 
     def _follow_breaker(self) -> None:
-        """Consume while the PABX circuit is closed; one at a time while it is probed."""
-        state = self.worker._processor.breaker.state
-        self.worker.state.circuit = state.value
-        if state is CircuitState.OPEN:
+        """Consume while the store answers and some PABX target's circuit is not open.
+
+        While every target's circuit is open consumption pauses; while none is closed
+        (probing), one command at a time. A command for an open target among closed ones
+        waits in a broker-held retry queue.
+        """
+        processor = self.worker._processor
+        states = {name: b.state for name, b in processor.breakers.items()}
+        self.worker.state.circuits = {name: st.value for name, st in states.items()}
+        store_down = processor.store_breaker.state is not CircuitState.CLOSED
+        if store_down or all(st is CircuitState.OPEN for st in states.values()):
             if self.consumer_tag is not None:
-                log.warning("PABX keeps failing: consumption paused")
+                what = "the store does not answer" if store_down else "every PABX keeps failing"
+                log.warning("%s: consumption paused", what)
                 self._cancel()
             return
-        prefetch = 1 if state is CircuitState.HALF_OPEN else self.settings.concurrency
+        probing = CircuitState.CLOSED not in states.values()
+        prefetch = 1 if probing else self.settings.concurrency
         if prefetch != self.prefetch:
             self.channel.basic_qos(0, prefetch, False)
             self.prefetch = prefetch
@@ -237,7 +258,11 @@ class _Session:
             self.worker.state.consuming = True
             self.worker.ready.set()
             log.info(
-                "consuming", extra={"queue": self.settings.command_queue, "circuit": state.value}
+                "consuming",
+                extra={
+                    "queue": self.settings.command_queue,
+                    "circuits": self.worker.state.circuits,
+                },
             )
 
     def _cancel(self) -> None:
@@ -380,6 +405,7 @@ def _to_delivery(message: Any) -> Delivery:
     elif isinstance(stamp, datetime):
         timestamp = stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp
     body = _body_bytes(message.body, props.get("content_encoding"))
+    redelivered = bool(message.delivery_info.get("redelivered"))
     return Delivery(
         body=body,
         content_type=props.get("content_type"),
@@ -389,8 +415,9 @@ def _to_delivery(message: Any) -> Delivery:
         reply_to=props.get("reply_to"),
         timestamp=timestamp,
         headers=headers,
-        redelivered=bool(message.delivery_info.get("redelivered")),
-        delivery_count=header_count(headers, "x-delivery-count"),
+        redelivered=redelivered,
+        # Only the broker's count is trusted: a producer may set the header itself.
+        delivery_count=header_count(headers, "x-delivery-count") if redelivered else 0,
     )
 
 
@@ -427,11 +454,25 @@ def _publications(
             mandatory=True,
         )
     ]
-    if delivery.reply_to:
+    if delivery.reply_to and _may_reply_to(settings, topology, delivery.reply_to):
         result.append(Publication(decision.event, "", delivery.reply_to, props))
     if decision.park and not decision.duplicate:
         result.append(_parked_copy(settings, delivery, decision))
     return result
+
+
+def _may_reply_to(settings: Settings, topology: Topology, queue: str) -> bool:
+    """Never reply into the topology: an outcome there would be consumed as a command."""
+    own = {
+        settings.command_queue,
+        settings.parked_queue,
+        settings.unrouted_exchange,
+        *topology.retry_queues.values(),
+    }
+    if queue in own or queue.startswith("pabx."):
+        log.warning("reply_to names a topology queue: not replied to", extra={"queue": queue})
+        return False
+    return True
 
 
 def _original_properties(delivery: Delivery, headers: dict[str, Any]) -> dict[str, Any]:

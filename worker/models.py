@@ -175,10 +175,13 @@ class ErrorInfo(BaseModel):
     code: Literal[
         "invalid_command",
         "idempotency_conflict",
+        "superseded",
+        "producer_not_allowed",
         "pabx_bad_request",
         "pabx_unauthorized",
         "pabx_forbidden",
         "pabx_error",
+        "pabx_outcome_unknown",
         "pabx_unreachable",
         "poison_message",
         "expired",

@@ -47,8 +47,8 @@ class Metrics:
         )
         self.pabx_seconds = Histogram(
             "pabx_worker_pabx_request_seconds",
-            "Duration of PABX requests, by result.",
-            ["result"],
+            "Duration of PABX requests, by target and result.",
+            ["target", "result"],
             registry=self.registry,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
@@ -63,7 +63,13 @@ class Metrics:
         )
         self.circuit = Gauge(
             "pabx_worker_circuit_state",
-            "PABX circuit: 0 closed, 1 half-open, 2 open.",
+            "PABX target's circuit: 0 closed, 1 half-open, 2 open.",
+            ["target"],
+            registry=self.registry,
+        )
+        self.store_up = Gauge(
+            "pabx_worker_store_up",
+            "1 while the idempotency store answers (its circuit is closed).",
             registry=self.registry,
         )
         self.connected = Gauge(
@@ -92,7 +98,8 @@ class MeteredPabx:
             result = str(exc.status_code or exc.code)
             raise
         finally:
-            self._metrics.pabx_seconds.labels(result).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._metrics.pabx_seconds.labels(target.name, result).observe(elapsed)
 
 
 class HealthServer:

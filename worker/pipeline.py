@@ -1,25 +1,36 @@
-"""The path of one command: decode → validate → idempotency claim → deadline → PABX → record.
+"""The path of one command: decode → validate → claim → deadline → pace → mark sent → PABX → record.
 
 :class:`Processor` is plain logic: the PABX client and the store are passed in,
 and the result is a :class:`Decision` that the consumer carries out
 (publish, park, delay, then ack). Nothing here imports an AMQP library.
+
+What may be sent again (SPEC §5): a failure where the request never reached the
+PABX (:class:`~worker.errors.PabxUnreachable`: refused, connect timeout, 429, 503)
+is retried, first here, then through the broker-held retry queues. An ambiguous
+one (:class:`~worker.errors.PabxOutcomeUnknown`) ends ``failed`` /
+``pabx_outcome_unknown`` unless ``RETRY_AMBIGUOUS`` is set. Every request is
+counted in the store before it goes out, so an outcome's ``attempts`` is the
+store's count.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tenacity import (
     RetryError,
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_before_delay,
     wait_random_exponential,
@@ -29,11 +40,15 @@ from worker.circuit import CircuitBreaker
 from worker.errors import (
     CircuitOpen,
     InvalidCommand,
+    PabxBadRequest,
     PabxError,
+    PabxOutcomeUnknown,
     PabxPermanentError,
     PabxTransientError,
+    PabxUnreachable,
     StoreError,
 )
+from worker.leases import LeaseKeeper
 from worker.messages import (
     RETRIES_HEADER,
     Delivery,
@@ -47,12 +62,20 @@ from worker.messages import (
 )
 from worker.models import ErrorInfo, PabxInfo, RedirectCommand, Status
 from worker.outcomes import as_duplicate, build_event, encode
+from worker.ratelimit import FleetRateLimit
 from worker.settings import PabxTarget, Settings
-from worker.store.base import RETENTION_S, Claim, ClaimState, Store
+from worker.store.base import RETENTION_S, CallRef, Claim, ClaimState, SendState, Store
 
 __all__ = ["Action", "Decision", "PabxClient", "Policy", "Prepared", "Processor"]
 
 log = logging.getLogger("pabx_worker.pipeline")
+
+T = TypeVar("T")
+
+#: First and longest pause between looks at a call another worker holds.
+CALL_POLL_S = (0.01, 0.2)
+#: First and longest pause between pings of a store that stopped answering.
+STORE_POLL_S = (0.1, 2.0)
 
 
 class PabxClient(Protocol):
@@ -94,23 +117,25 @@ class Policy:
     in_process_attempts: int = 3
     in_process_max_wait_s: float = 1.0
     max_attempts: int = 12
-    lease_s: float = 60.0
+    lease_s: float = 30.0
     retry_delays_s: tuple[float, ...] = (1.0, 5.0, 30.0)
+    retry_ambiguous: bool = False
+    #: The longest one PABX request may take (connect + read timeout).
+    request_s: float = 8.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
-        per_try = settings.pabx_connect_timeout_s + settings.pabx_read_timeout_s
-        attempts = settings.retry_in_process_attempts
-        budget = attempts * per_try + (attempts - 1) * settings.retry_in_process_max_wait_s
+        request_s = settings.pabx_connect_timeout_s + settings.pabx_read_timeout_s
         return cls(
             command_ttl_s=settings.command_ttl_s,
             delivery_limit=settings.delivery_limit,
-            in_process_attempts=attempts,
+            in_process_attempts=settings.retry_in_process_attempts,
             in_process_max_wait_s=settings.retry_in_process_max_wait_s,
             max_attempts=settings.retry_max_attempts,
-            # Longer than any in-process run, so a live worker never loses its lease.
-            lease_s=budget + 10.0,
+            lease_s=settings.lease_seconds(),
             retry_delays_s=settings.retry_delays_s,
+            retry_ambiguous=settings.retry_ambiguous,
+            request_s=request_s,
         )
 
 
@@ -125,11 +150,16 @@ class Prepared:
     fingerprint: str = ""
     target_name: str = "default"
     invalid: str | None = None
+    #: The lease token this delivery claims with: a claim repeated after a store outage
+    #: (its first answer lost) finds its own lease instead of a busy one.
+    claim_token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def call_key(self) -> str | None:
-        """Commands with the same key are sent one at a time, in order."""
-        return self.command.redirect.ID_CHAMADA if self.command else None
+        """Commands with the same key (``pabx:ID_CHAMADA``) are sent one at a time, in order."""
+        if self.command is None:
+            return None
+        return f"{self.command.pabx}:{self.command.redirect.ID_CHAMADA}"
 
 
 class Processor:
@@ -143,8 +173,10 @@ class Processor:
         targets: Mapping[str, PabxTarget],
         policy: Policy,
         passwords: Mapping[str, str] | None = None,
-        breaker: CircuitBreaker | None = None,
+        breakers: Mapping[str, CircuitBreaker] | None = None,
+        leases: LeaseKeeper | None = None,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._pabx = pabx
         self._store = store
@@ -152,8 +184,19 @@ class Processor:
         self._policy = policy
         self._passwords = dict(passwords or {})
         self._clock = clock
-        #: Shared with the consumer, which pauses while it is open.
-        self.breaker = breaker or CircuitBreaker(threshold=1_000_000, reset_s=1.0)
+        self._sleep = sleep
+        self._leases = leases or LeaseKeeper(store, lease_s=policy.lease_s, clock=clock)
+        self._pace = FleetRateLimit(store, targets, sleep=sleep)
+        given = dict(breakers or {})
+        #: One circuit per PABX target; the consumer pauses only while every one is open.
+        self.breakers = {
+            name: given.get(name) or CircuitBreaker(threshold=1_000_000, reset_s=1.0)
+            for name in self._targets
+        }
+        #: The store's circuit: open from a failed store call until a ping answers.
+        self.store_breaker = CircuitBreaker(threshold=1, reset_s=STORE_POLL_S[0])
+        #: Set when the worker stops: store waits give up.
+        self.stopping = threading.Event()
 
     # -- CPU-only part, run where the message arrived -------------------------------
 
@@ -162,17 +205,17 @@ class Processor:
         try:
             command = decode_command(delivery)
             self._check_resolvable(command)
+            command_id = _known(command.command_id)
         except InvalidCommand as exc:
-            command_id = readable_command_id(delivery)
+            readable = readable_command_id(delivery)
             return Prepared(
-                delivery, raw_event_id(delivery.body, command_id), command_id, invalid=str(exc)
+                delivery, raw_event_id(delivery.body, readable), readable, invalid=str(exc)
             )
-        assert command.command_id is not None  # decode_command guarantees it
         body_fp = fingerprint(command)
         return Prepared(
             delivery,
-            event_id_for(command.command_id, body_fp, replay_generation(delivery.headers)),
-            command.command_id,
+            event_id_for(command_id, body_fp, replay_generation(delivery.headers)),
+            command_id,
             command,
             body_fp,
             command.pabx,
@@ -188,69 +231,107 @@ class Processor:
                 f" DISPOSITIVO {body.DISPOSITIVO!r}"
             )
 
-    # -- I/O part, run on a worker thread ----------------------------------------------
+    # -- the store's health -----------------------------------------------------------
 
     def store_answers(self) -> bool:
         """Whether the idempotency store answers right now (for readiness)."""
         try:
             self._store.ping()
         except StoreError:
+            self.store_breaker.failure()
             return False
+        self.store_breaker.success()
         return True
+
+    def wait_for_store(self) -> bool:
+        """Block until the store answers again (True) or the worker stops (False)."""
+        pause = STORE_POLL_S[0]
+        while not self.stopping.wait(pause):
+            if self.store_answers():
+                return True
+            pause = min(pause * 2, STORE_POLL_S[1])
+        return False
+
+    def _durably(self, step: Callable[[], T]) -> T:
+        """Run a store step that follows the claim; while the store is down, wait and redo it.
+
+        Giving up instead would leave a lease that blocks the command, or a sent request
+        without its record. Every such step is safe to repeat with the same token.
+        """
+        while True:
+            try:
+                result = step()
+            except StoreError as exc:
+                self.store_breaker.failure()
+                log.warning("store unavailable; waiting for it", extra={"error": str(exc)})
+                if not self.wait_for_store():
+                    raise
+                continue
+            self.store_breaker.success()
+            return result
 
     def purge(self) -> int:
         """Drop idempotency records older than the retention period."""
         return self._store.purge(older_than=self._clock() - RETENTION_S)
 
+    # -- I/O part, run on a worker thread ----------------------------------------------
+
     def execute(self, prepared: Prepared) -> Decision:
-        """Carry the command through; raises StoreError when the store is down."""
+        """Carry the command through; raises StoreError when the store is down at the claim."""
         poisoned = prepared.delivery.delivery_count >= self._policy.delivery_limit - 1
-        if prepared.invalid is not None or (poisoned and prepared.command is None):
+        command, command_id = prepared.command, prepared.command_id
+        if prepared.invalid is not None or command is None or command_id is None:
             return self._reject_unusable(prepared, poisoned)
-        assert prepared.command is not None and prepared.command_id is not None
         now = self._clock()
         try:
             claim = self._store.claim(
-                prepared.command_id, prepared.fingerprint, now=now, lease_s=self._policy.lease_s
+                command_id,
+                prepared.fingerprint,
+                now=now,
+                lease_s=self._policy.lease_s,
+                token=prepared.claim_token,
             )
         except StoreError:
             if not poisoned:
+                self.store_breaker.failure()
                 raise
             return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
+        self.store_breaker.success()
         if claim.state is ClaimState.DONE and self._replayed_after(prepared, claim):
-            assert claim.outcome is not None
-            claim = self._store.reopen(
-                prepared.command_id, claim.outcome, now=now, lease_s=self._policy.lease_s
+            claim = self._durably(
+                lambda: self._store.reopen(
+                    command_id, claim.outcome or b"", now=now, lease_s=self._policy.lease_s
+                )
             )
-        if claim.state is ClaimState.DONE:
-            return self._replay(prepared, claim)
-        if claim.state is ClaimState.CONFLICT:
-            return self._finish(
-                prepared,
-                Status.REJECTED,
-                "idempotency_conflict",
-                "an earlier command with this command_id had a different body",
-            )
-        if poisoned:  # its one outcome, recorded when the claim is ours
-            if claim.token is None:
-                return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
+        match claim.state:
+            case ClaimState.DONE:
+                return self._replay(prepared, claim.outcome or b"")
+            case ClaimState.CONFLICT:
+                return self._finish(
+                    prepared,
+                    Status.REJECTED,
+                    "idempotency_conflict",
+                    "an earlier command with this command_id had a different body",
+                )
+            case ClaimState.BUSY:
+                if poisoned:
+                    return self._finish(
+                        prepared, Status.FAILED, "poison_message", _poison(prepared)
+                    )
+                wait = (claim.lease_until or now) - now
+                return Decision(
+                    Action.RETRY,
+                    delay_s=max(wait, 0.0),
+                    command_id=command_id,
+                    attempts=claim.attempts,
+                )
+        token = claim.token or ""
+        if poisoned:  # its one outcome, recorded now that the claim is ours
             return self._record(
-                prepared,
-                claim.token,
-                Status.FAILED,
-                "poison_message",
-                _poison(prepared),
-                claim.attempts,
+                prepared, token, Status.FAILED, "poison_message", _poison(prepared), claim.attempts
             )
-        if claim.state is ClaimState.BUSY:
-            wait = (claim.lease_until or now) - now
-            return Decision(
-                Action.RETRY,
-                delay_s=max(wait, 0.0),
-                command_id=prepared.command_id,
-                attempts=claim.attempts,
-            )
-        return self._send(prepared, claim, now)
+        with self._leases.holding(command_id, token):
+            return self._send(prepared, command, claim, token, now)
 
     def _reject_unusable(self, prepared: Prepared, poisoned: bool) -> Decision:
         if poisoned:
@@ -262,19 +343,17 @@ class Processor:
     @staticmethod
     def _replayed_after(prepared: Prepared, claim: Claim) -> bool:
         """An operator replayed a command that did not end accepted: it may go out again."""
-        assert claim.outcome is not None
-        if replay_generation(prepared.delivery.headers) == 0:
+        if claim.outcome is None or replay_generation(prepared.delivery.headers) == 0:
             return False
         stored = json.loads(claim.outcome)
         return bool(stored["id"] != prepared.event_id and stored["data"]["status"] != "accepted")
 
-    def _replay(self, prepared: Prepared, claim: Claim) -> Decision:
-        assert claim.outcome is not None
-        data = _stored_data(claim.outcome)
+    def _replay(self, prepared: Prepared, outcome: bytes) -> Decision:
+        data = _stored_data(outcome)
         error = ErrorInfo.model_validate(data["error"]) if data.get("error") else None
         return Decision(
             Action.FINISH,
-            event=as_duplicate(claim.outcome),
+            event=as_duplicate(outcome),
             status=Status(data["status"]),
             error=error,
             attempts=int(data["attempts"]),
@@ -293,11 +372,17 @@ class Processor:
             return (delivery.timestamp + ttl).timestamp()
         return first_seen + ttl.total_seconds()
 
-    def _send(self, prepared: Prepared, claim: Claim, now: float) -> Decision:
-        command, command_id, token = prepared.command, prepared.command_id, claim.token
-        assert command is not None and command_id is not None and token is not None
+    @staticmethod
+    def _call(prepared: Prepared, command: RedirectCommand, first_seen: float) -> CallRef:
+        """The call and this command's place in its issue order (SPEC §5)."""
+        issued = command.issued_at or prepared.delivery.timestamp
+        order = issued.timestamp() if issued is not None else first_seen
+        return CallRef(prepared.call_key or "", order)
+
+    def _send(
+        self, prepared: Prepared, command: RedirectCommand, claim: Claim, token: str, now: float
+    ) -> Decision:
         deadline = self._deadline(command, prepared.delivery, claim.first_seen)
-        attempts = claim.attempts
         if now >= deadline:
             return self._record(
                 prepared,
@@ -305,68 +390,111 @@ class Processor:
                 Status.EXPIRED,
                 "expired",
                 "the deadline passed before the command could be sent",
-                attempts,
+                claim.attempts,
             )
-        target = self._targets[command.pabx]
-        channel_id = command.channel_id or target.channel_id
-        body = self._vendor_body(command)
-
-        def attempt() -> int:
-            nonlocal attempts
-            if not self.breaker.allow():
-                raise CircuitOpen("not sent: the PABX circuit breaker is open")
-            if not self._store.mark_sent(
-                command_id, token, attempts + 1, now=self._clock(), lease_s=self._policy.lease_s
-            ):
-                raise _LeaseLost
-            attempts += 1
-            return self._call_pabx(target, channel_id, body)
-
+        attempt = _Attempt(
+            self, prepared, command, token, self._call(prepared, command, claim.first_seen)
+        )
+        attempt.attempts = claim.attempts
+        attempt.deadline = deadline
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.in_process_attempts)
             | stop_before_delay(max(deadline - now, 0.0)),
             wait=wait_random_exponential(multiplier=0.1, max=self._policy.in_process_max_wait_s),
-            retry=retry_if_exception_type(PabxTransientError),
+            retry=retry_if_exception(self._worth_resending),
             reraise=True,
         )
         try:
             status_code = retrying(attempt)
+        except _Stopped as stop:
+            return self._stopped(prepared, token, stop, attempt.attempts)
         except PabxPermanentError as exc:
-            status = Status.REJECTED if exc.code == "pabx_bad_request" else Status.FAILED
+            status = Status.REJECTED if isinstance(exc, PabxBadRequest) else Status.FAILED
             return self._record(
-                prepared, token, status, exc.code, str(exc), attempts, exc.status_code
+                prepared, token, status, exc.code, str(exc), attempt.attempts, exc.status_code
+            )
+        except PabxOutcomeUnknown as exc:
+            if self._policy.retry_ambiguous:
+                return self._after_transient(prepared, token, exc, attempt.attempts, deadline)
+            return self._record(
+                prepared,
+                token,
+                Status.FAILED,
+                exc.code,
+                f"{exc}: the PABX may have carried it out; not resent (RETRY_AMBIGUOUS is off)",
+                attempt.attempts,
+                exc.status_code,
             )
         except (PabxTransientError, RetryError) as exc:
-            return self._after_transient(prepared, token, exc, attempts, deadline)
-        except _LeaseLost:
-            # Another worker took the command over (or finished it): it is theirs now.
-            # Come back later through the broker and replay whatever they recorded.
-            log.warning("lease lost before sending", extra={"command_id": command_id})
-            return Decision(
-                Action.RETRY,
-                delay_s=self._policy.retry_delays_s[0],
-                attempts=attempts,
-                command_id=command_id,
-            )
-        return self._record(prepared, token, Status.ACCEPTED, None, None, attempts, status_code)
+            return self._after_transient(prepared, token, exc, attempt.attempts, deadline)
+        return self._record(
+            prepared, token, Status.ACCEPTED, None, None, attempt.attempts, status_code
+        )
 
-    def _call_pabx(self, target: PabxTarget, channel_id: int, body: dict[str, str]) -> int:
+    def _worth_resending(self, exc: BaseException) -> bool:
+        """In-process retries: what was not sent, and ambiguous failures when opted in."""
+        if isinstance(exc, CircuitOpen):
+            return False  # the breaker will not close within the in-process budget
+        if isinstance(exc, PabxUnreachable):
+            return True
+        return isinstance(exc, PabxOutcomeUnknown) and self._policy.retry_ambiguous
+
+    def _stopped(self, prepared: Prepared, token: str, stop: _Stopped, attempts: int) -> Decision:
+        """A reason not to send found before the request went out."""
+        command_id = prepared.command_id
+        match stop:
+            case _LeaseLost():
+                # Another worker took the command over (or finished it): it is theirs now.
+                # Come back later through the broker and replay whatever they recorded.
+                log.warning("lease lost before sending", extra={"command_id": command_id})
+                return Decision(
+                    Action.RETRY,
+                    delay_s=self._policy.retry_delays_s[0],
+                    attempts=attempts,
+                    command_id=command_id,
+                )
+            case _Superseded(newer=newer):
+                return self._record(
+                    prepared,
+                    token,
+                    Status.REJECTED,
+                    "superseded",
+                    f"a newer command for this call was already sent: {newer}",
+                    attempts,
+                    park=False,
+                )
+            case _PastDeadline(reason=reason):
+                return self._record(prepared, token, Status.EXPIRED, "expired", reason, attempts)
+            case _CallBusy(until=until):
+                self._durably(
+                    lambda: self._store.release(_known(command_id), token, now=self._clock())
+                )
+                return Decision(
+                    Action.RETRY,
+                    delay_s=max(until - self._clock(), self._policy.retry_delays_s[0]),
+                    attempts=attempts,
+                    command_id=command_id,
+                )
+        raise AssertionError(f"unhandled stop {stop!r}")  # pragma: no cover
+
+    def _call_pabx(self, target_name: str, channel_id: int, body: dict[str, str]) -> int:
+        breaker = self.breakers[target_name]
         try:
-            status_code = self._pabx.redirect(target, channel_id, body)
+            status_code = self._pabx.redirect(self._targets[target_name], channel_id, body)
         except PabxTransientError:
-            self.breaker.failure()
+            breaker.failure()
             raise
         except PabxPermanentError:
-            self.breaker.success()  # it answered: it is up
+            breaker.success()  # it answered: it is up
             raise
-        self.breaker.success()
+        breaker.success()
         return status_code
 
     def _after_transient(
         self, prepared: Prepared, token: str, exc: BaseException, attempts: int, deadline: float
     ) -> Decision:
-        assert prepared.command_id is not None
-        error = exc if isinstance(exc, PabxError) else PabxTransientError(str(exc))
+        command_id = _known(prepared.command_id)
+        error = exc if isinstance(exc, PabxError) else PabxUnreachable(str(exc))
         if attempts >= self._policy.max_attempts:
             return self._record(
                 prepared,
@@ -390,19 +518,17 @@ class Processor:
                 attempts,
                 error.status_code,
             )
-        self._store.release(prepared.command_id, token, attempts)
+        self._durably(lambda: self._store.release(command_id, token, now=self._clock()))
         log.info(
             "pabx transient failure, retrying through the broker",
             extra={
-                "command_id": prepared.command_id,
+                "command_id": command_id,
                 "attempt": attempts,
                 "delay_s": delay,
                 "error": str(error),
             },
         )
-        return Decision(
-            Action.RETRY, delay_s=delay, attempts=attempts, command_id=prepared.command_id
-        )
+        return Decision(Action.RETRY, delay_s=delay, attempts=attempts, command_id=command_id)
 
     def _vendor_body(self, command: RedirectCommand) -> dict[str, str]:
         body = command.redirect.model_dump(exclude_none=True)
@@ -418,13 +544,25 @@ class Processor:
         message: str | None,
         attempts: int,
         status_code: int | None = None,
+        *,
+        park: bool | None = None,
     ) -> Decision:
-        assert prepared.command_id is not None
-        decision = self._finish(prepared, status, code, message, attempts, status_code)
-        assert decision.event is not None
-        stored = self._store.record(prepared.command_id, token, decision.event, attempts)
-        if stored != decision.event:  # another worker finished first: its outcome stands
-            return self._replay(prepared, Claim(ClaimState.DONE, 0.0, attempts, outcome=stored))
+        command_id = _known(prepared.command_id)
+        decision = self._finish(prepared, status, code, message, attempts, status_code, park=park)
+        event = decision.event or b""
+        stored = self._durably(
+            lambda: self._store.record(command_id, token, event, now=self._clock())
+        )
+        if stored is None:  # our lease was taken over: the new holder's outcome will stand
+            log.warning("lease lost before recording", extra={"command_id": command_id})
+            return Decision(
+                Action.RETRY,
+                delay_s=self._policy.retry_delays_s[0],
+                attempts=attempts,
+                command_id=command_id,
+            )
+        if stored != event:  # another worker finished first: its outcome stands
+            return self._replay(prepared, stored)
         return decision
 
     def _finish(
@@ -435,6 +573,8 @@ class Processor:
         message: str | None,
         attempts: int = 0,
         status_code: int | None = None,
+        *,
+        park: bool | None = None,
     ) -> Decision:
         error = ErrorInfo(code=code, message=message or code) if code else None  # type: ignore[arg-type]
         pabx = None
@@ -456,9 +596,130 @@ class Processor:
             status=status,
             error=error,
             attempts=attempts,
-            park=status in (Status.REJECTED, Status.FAILED),
+            park=status in (Status.REJECTED, Status.FAILED) if park is None else park,
             command_id=prepared.command_id,
         )
+
+
+class _Attempt:
+    """One PABX request of a command, as tenacity calls it: check, pace, mark, send."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        prepared: Prepared,
+        command: RedirectCommand,
+        token: str,
+        call: CallRef,
+    ) -> None:
+        self.p = processor
+        self.command_id = _known(prepared.command_id)
+        self.target_name = command.pabx
+        self.channel_id = command.channel_id or processor._targets[command.pabx].channel_id
+        self.body = processor._vendor_body(command)
+        self.token = token
+        self.call = call
+        self.attempts = 0
+        self.deadline = 0.0
+
+    def __call__(self) -> int:
+        p = self.p
+        if not p.breakers[self.target_name].allow():
+            raise CircuitOpen("not sent: the PABX target's circuit breaker is open")
+        with self._probe_returned_unless_sent():
+            self._wait_for_slot()
+            self._mark_sent()
+        return p._call_pabx(self.target_name, self.channel_id, self.body)
+
+    @contextmanager
+    def _probe_returned_unless_sent(self) -> Iterator[None]:
+        try:
+            yield
+        except _Stopped:
+            self.p.breakers[self.target_name].abandon()
+            raise
+
+    def _wait_for_slot(self) -> None:
+        """The fleet-wide rate limit: before the command is marked sent (SPEC §5)."""
+        p = self.p
+        wait = p._durably(lambda: p._pace.reserve(self.target_name))
+        if p._clock() + wait >= self.deadline:
+            raise _PastDeadline(
+                f"the rate limit of PABX {self.target_name!r} has no slot before the deadline"
+            )
+        p._pace.wait(wait)
+
+    def _mark_sent(self) -> None:
+        """Count the request in the store, holding the call; wait while another command has it."""
+        p = self.p
+        pause = CALL_POLL_S[0]
+        # Another worker's request is bounded by request_s; wait about that long in process.
+        give_up_at = p._clock() + p._policy.request_s + 1.0
+        while True:
+            sent = p._durably(
+                lambda: p._store.mark_sent(
+                    self.command_id,
+                    self.token,
+                    self.call,
+                    now=p._clock(),
+                    lease_s=p._policy.lease_s,
+                )
+            )
+            now = p._clock()
+            match sent.state:
+                case SendState.SENT:
+                    self.attempts = sent.attempts
+                    return
+                case SendState.LEASE_LOST:
+                    raise _LeaseLost()
+                case SendState.SUPERSEDED:
+                    raise _Superseded(sent.newer or "?")
+            until = sent.busy_until or now
+            if now >= self.deadline:
+                raise _PastDeadline("the deadline passed while another command held the call")
+            if now >= give_up_at:
+                raise _CallBusy(until)
+            p._sleep(min(pause, max(self.deadline - now, 0.0)))
+            pause = min(pause * 2, CALL_POLL_S[1])
+
+
+class _Stopped(Exception):
+    """Not sent, for a reason found before the request went out."""
+
+
+class _LeaseLost(_Stopped):
+    """The claim was taken over before the PABX call: do not send."""
+
+
+class _Superseded(_Stopped):
+    def __init__(self, newer: str) -> None:
+        super().__init__(newer)
+        self.newer = newer
+
+    __match_args__ = ("newer",)
+
+
+class _PastDeadline(_Stopped):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+    __match_args__ = ("reason",)
+
+
+class _CallBusy(_Stopped):
+    def __init__(self, until: float) -> None:
+        super().__init__(until)
+        self.until = until
+
+    __match_args__ = ("until",)
+
+
+def _known(command_id: str | None) -> str:
+    """A command id the caller has already checked is there."""
+    if command_id is None:
+        raise InvalidCommand("command_id: missing")
+    return command_id
 
 
 def _poison(prepared: Prepared) -> str:
@@ -466,11 +727,8 @@ def _poison(prepared: Prepared) -> str:
     return f"delivered {count} times without an outcome: parked, not processed again"
 
 
-class _LeaseLost(Exception):
-    """The claim was taken over before the PABX call: do not send."""
-
-
 def _stored_data(outcome: bytes) -> dict[str, Any]:
     data = json.loads(outcome)["data"]
-    assert isinstance(data, dict)
+    if not isinstance(data, dict):
+        raise ValueError("a stored outcome without a data object")
     return data

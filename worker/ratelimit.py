@@ -1,56 +1,46 @@
-"""Per-target request rate limits: a PABX gets at most ``rate_limit`` requests per second."""
+"""Fleet-wide request rate limits per PABX target (SPEC §5).
+
+A target's ``rate_limit`` holds for every worker sharing the store: request
+slots are reserved from one schedule kept in the store
+(:meth:`~worker.store.base.Store.reserve_slot`), ``1 / rate_limit`` seconds
+apart on the store's clock, and each caller sleeps until its slot. The wait
+happens before the command is marked sent, while its lease is kept alive.
+"""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Mapping
 
-from worker.pipeline import PabxClient
 from worker.settings import PabxTarget
+from worker.store.base import Store
 
-__all__ = ["RateLimitedPabx", "TokenBucket"]
+__all__ = ["FleetRateLimit"]
 
 
-class TokenBucket:
-    """Paces callers to ``rate`` per second, allowing a burst of ``burst``; thread-safe."""
+class FleetRateLimit:
+    """Paces requests per target through the shared store."""
 
     def __init__(
         self,
-        rate: float,
+        store: Store,
+        targets: Mapping[str, PabxTarget],
         *,
-        burst: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._interval = 1.0 / rate
-        self._tolerance = (burst - 1.0) * self._interval
-        self._clock = clock
+        self._store = store
+        self._intervals = {
+            name: 1.0 / target.rate_limit for name, target in targets.items() if target.rate_limit
+        }
         self._sleep = sleep
-        self._lock = threading.Lock()
-        self._next = clock()
 
-    def acquire(self) -> float:
-        """Wait for a token; returns how long the caller waited."""
-        with self._lock:
-            now = self._clock()
-            slot = max(now - self._tolerance, self._next)
-            self._next = slot + self._interval
-            wait = max(slot - now, 0.0)
-        if wait:
-            self._sleep(wait)
-        return wait
+    def reserve(self, target: str) -> float:
+        """Reserve the next slot for ``target``; seconds until it (0 for an unlimited target)."""
+        interval = self._intervals.get(target)
+        if interval is None:
+            return 0.0
+        return self._store.reserve_slot(target, interval_s=interval)
 
-
-class RateLimitedPabx:
-    """Wraps a PABX client so each target with a ``rate_limit`` is paced."""
-
-    def __init__(self, inner: PabxClient, targets: Mapping[str, PabxTarget]) -> None:
-        self._inner = inner
-        self._buckets = {t.url: TokenBucket(t.rate_limit) for t in targets.values() if t.rate_limit}
-
-    def redirect(self, target: PabxTarget, channel_id: int, body: Mapping[str, str]) -> int:
-        bucket = self._buckets.get(target.url)
-        if bucket is not None:
-            bucket.acquire()
-        return self._inner.redirect(target, channel_id, body)
+    def wait(self, seconds: float) -> None:
+        if seconds > 0:
+            self._sleep(seconds)

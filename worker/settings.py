@@ -11,7 +11,14 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,8 +52,10 @@ class PabxTarget(BaseModel):
     url: str
     api_key: SecretStr
     channel_id: Annotated[int, Field(gt=0)]
-    #: Requests per second sent to this PABX; ``None`` for no limit.
+    #: Requests per second sent to this PABX by the whole fleet; ``None`` for no limit.
     rate_limit: Annotated[float, Field(gt=0)] | None = None
+    #: The target's name (the ``[pabx.NAME]`` table); set by :meth:`Settings.targets`.
+    name: str = DEFAULT_TARGET
 
     _url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
 
@@ -77,6 +86,15 @@ class Settings(BaseSettings):
     # PABX client
     pabx_connect_timeout_s: Seconds = 3.0
     pabx_read_timeout_s: Seconds = 5.0
+    #: Longest idle time of a pooled keep-alive connection before it is reused: keep it
+    #: below the PABX's own keep-alive timeout, so a request never meets a closed socket.
+    pabx_idle_timeout_s: Seconds = 4.0
+    #: Lease on a claimed command; renewed every third of it while the worker holds it, so
+    #: it bounds how soon another worker takes over from a dead one. Unset: twice the
+    #: longest request plus 10 s.
+    lease_s: Seconds | None = None
+    #: Resend after an ambiguous failure (read timeout, reset, 500/502/504); SPEC §5.
+    retry_ambiguous: bool = False
     #: HTTP attempts inside one delivery before handing over to the retry queues.
     retry_in_process_attempts: Annotated[int, Field(ge=1, le=10)] = 3
     #: Longest sleep between in-process attempts.
@@ -120,9 +138,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
 
+    def lease_seconds(self) -> float:
+        """The lease on a claimed command (``LEASE_S``, or derived from the PABX timeouts)."""
+        request_s = self.pabx_connect_timeout_s + self.pabx_read_timeout_s
+        return self.lease_s if self.lease_s is not None else 2 * request_s + 10.0
+
     def targets(self) -> dict[str, PabxTarget]:
         """Every configured PABX target by name; the flat variables make ``default``."""
-        found = dict(self.pabx)
+        found = {name: t.model_copy(update={"name": name}) for name, t in self.pabx.items()}
         if self.pabx_url and self.pabx_api_key and self.pabx_channel_id:
             found.setdefault(
                 DEFAULT_TARGET,
