@@ -159,7 +159,8 @@ def test_channels_name_the_default_topology(doc: dict[str, Any], defaults: Setti
 
 def test_parked_headers_match_the_worker(doc: dict[str, Any]) -> None:
     headers = doc["components"]["schemas"]["ParkedHeaders"]["properties"]
-    codes = set(get_args(ErrorInfo.model_fields["code"].annotation)) - {"expired"}
+    # Expired and superseded commands are not parked: there is nothing for an operator to do.
+    codes = set(get_args(ErrorInfo.model_fields["code"].annotation)) - {"expired", "superseded"}
     assert set(headers["x-pabx-error-code"]["enum"]) == codes
     assert headers["x-pabx-status"]["enum"] == ["rejected", "failed"]
     assert headers["x-pabx-error"]["maxLength"] == 512

@@ -53,11 +53,18 @@ FORMAT_DEPENDENT = frozenset(
 #: Which error codes each status may carry (SPEC §4, outcome table).
 ERROR_CODES_BY_STATUS: dict[str, set[str | None]] = {
     "accepted": {None},
-    "rejected": {"invalid_command", "idempotency_conflict", "pabx_bad_request"},
+    "rejected": {
+        "invalid_command",
+        "idempotency_conflict",
+        "superseded",
+        "producer_not_allowed",
+        "pabx_bad_request",
+    },
     "failed": {
         "pabx_unauthorized",
         "pabx_forbidden",
         "pabx_error",
+        "pabx_outcome_unknown",
         "pabx_unreachable",
         "poison_message",
     },
