@@ -94,19 +94,36 @@ class _Link:
                 sock.close()
 
 
+def _reusable() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+def _listening(port: int) -> socket.socket:
+    sock = _reusable()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    sock.settimeout(0.1)
+    return sock
+
+
 class TcpProxy:
     """Relays 127.0.0.1:``port`` to ``target``; can cut every connection and refuse new ones.
 
-    ``refuse()``: cut everything; new connections are reset at once (a stopped server).
+    ``refuse()``: cut everything and stop listening, so new connections are refused (a
+    stopped server: the client gets ECONNREFUSED and knows nothing was sent).
     ``blackhole()``: cut everything; new connections are accepted and never answered
     (an unreachable host whose connect attempts time out). ``restore()`` relays again.
     """
 
     def __init__(self, host: str, port: int) -> None:
         self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._listener.settimeout(0.1)
+        self._listener = _listening(0)
         self.port: int = self._listener.getsockname()[1]
+        #: While refusing: bound, not listening, so the port stays ours and SYNs get RST.
+        self._placeholder: socket.socket | None = None
         self.mode = "open"
         self.accepted = 0
         self.refused = 0
@@ -143,6 +160,11 @@ class TcpProxy:
 
     def refuse(self) -> int:
         self.mode = "refuse"
+        with self._lock:
+            if self._placeholder is None:
+                self._placeholder = _reusable()
+                self._placeholder.bind(("127.0.0.1", self.port))
+                self._listener.close()
         return self.cut()
 
     def blackhole(self) -> int:
@@ -150,6 +172,11 @@ class TcpProxy:
         return self.cut()
 
     def restore(self) -> None:
+        with self._lock:
+            if self._placeholder is not None:  # listen again on the same port
+                self._listener = _listening(self.port)
+                self._placeholder.close()
+                self._placeholder = None
         self.mode = "open"
         with self._lock:
             held = [link for link in self._links if link.upstream is None]
@@ -168,7 +195,10 @@ class TcpProxy:
         self._closing = True
         self.cut()
         self._thread.join(5)
-        self._listener.close()
+        with self._lock:
+            self._listener.close()
+            if self._placeholder is not None:
+                self._placeholder.close()
 
     def _accept_loop(self) -> None:
         while not self._closing:
@@ -176,8 +206,9 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                return
+            except OSError:  # closed: refusing, or closing
+                time.sleep(0.02)
+                continue
             self._admit(client)
 
     def _admit(self, client: socket.socket) -> None:
@@ -247,9 +278,9 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 class WorkerProcess:
     """``python -m worker run`` with its log lines (stderr) collected as they come."""
 
-    def __init__(self, settings: Settings, **extra_env: str) -> None:
+    def __init__(self, settings: Settings, *args: str, **extra_env: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
+            [sys.executable, "-m", "worker", "run", *args],
             env=worker_env(settings, **extra_env),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,

@@ -42,12 +42,12 @@ def test_circuit_opens_pauses_consumption_and_closes_after_recovery(
     set_faults(sim, error_rate=1.0, fail_status=503)
     for _ in range(6):
         peer.publish(command())
-    breaker, state = worker.processor.breaker, worker.worker.state
+    breaker, state = worker.processor.breakers["default"], worker.worker.state
     assert wait_for(lambda: breaker.opened >= 1)
     assert wait_for(lambda: not state.consuming)
-    assert state.circuit in ("open", "half_open")
+    assert state.circuits["default"] in ("open", "half_open")
     assert sim_requests(sim)  # it did try before giving up
     set_faults(sim)  # the PABX recovers
     events = peer.events(6, timeout=30)
     assert [e["data"]["status"] for _, e in events] == ["accepted"] * 6
-    assert wait_for(lambda: state.circuit == "closed" and state.consuming)
+    assert wait_for(lambda: state.circuits["default"] == "closed" and state.consuming)

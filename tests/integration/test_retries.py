@@ -19,7 +19,7 @@ from worker.simulator import SimulatorThread
 pytestmark = pytest.mark.integration
 
 
-def test_hang_times_out_and_is_retried(
+def test_hang_times_out_once_and_is_not_resent(
     worker: RunningWorker, peer: Peer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, hang=True)
@@ -27,9 +27,30 @@ def test_hang_times_out_and_is_retried(
     deadline = time.monotonic() + 10
     while not sim_requests(sim) and time.monotonic() < deadline:
         time.sleep(0.05)
-    set_faults(sim)  # the hung request times out (1 s read timeout); the retry gets through
+    set_faults(sim)  # the hung request times out (1 s read timeout): it may have been acted on
     _, event = peer.events(1)[0]
+    assert event["data"]["status"] == "failed" and event["data"]["attempts"] == 1
+    assert event["data"]["error"]["code"] == "pabx_outcome_unknown"
+    assert len(sim_requests(sim)) == 1
+    assert len(peer.drain(peer.settings.parked_queue, 1)) == 1
+
+
+def test_hang_is_resent_when_ambiguous_retries_are_allowed(
+    amqp_url: str, peer: Peer, sim: SimulatorThread
+) -> None:
+    running = RunningWorker(peer.settings.model_copy(update={"retry_ambiguous": True}))
+    try:
+        set_faults(sim, hang=True)
+        peer.publish(command())
+        deadline = time.monotonic() + 10
+        while not sim_requests(sim) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        set_faults(sim)
+        _, event = peer.events(1)[0]
+    finally:
+        running.stop()
     assert event["data"]["status"] == "accepted" and event["data"]["attempts"] == 2
+    assert len(sim_requests(sim)) == 2
 
 
 def test_past_deadline_is_expired_and_nothing_is_sent(

@@ -84,6 +84,26 @@ def test_outcome_goes_to_reply_to_with_the_producer_correlation_id(
     assert len(replies) == 1 and json.loads(replies[0][1])["id"] == event["id"]
 
 
+def test_reply_to_a_topology_queue_is_not_replied_to(
+    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+) -> None:
+    peer.publish(command(), reply_to=peer.settings.command_queue)
+    _, event = only_event(peer)
+    assert event["data"]["status"] == "accepted"
+    peer.connection.sleep(1.0)  # an outcome in the command queue would come back as a command
+    assert len(peer.events(2, timeout=1.0)) == 1
+    assert len(sim_requests(sim)) == 1
+
+
+def test_delivery_count_header_on_a_first_delivery_is_ignored(
+    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+) -> None:
+    peer.publish(command(), headers={"x-delivery-count": 9})
+    _, event = only_event(peer)
+    assert event["data"]["status"] == "accepted" and event["data"]["attempts"] == 1
+    assert len(sim_requests(sim)) == 1
+
+
 INVALID = {
     "prioridade-20": command(redirect={"PRIORIDADE": "20"}),
     "typo": {
@@ -195,7 +215,7 @@ def test_a_wrong_api_key_is_refused_by_the_pabx_with_403(
     assert event["data"]["error"]["code"] == "pabx_forbidden"
 
 
-def test_500_is_retried_and_then_accepted(
+def test_503_is_retried_and_then_accepted(
     worker: RunningWorker, peer: Peer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, fail_next=2, fail_status=503)
@@ -208,7 +228,7 @@ def test_500_is_retried_and_then_accepted(
 def test_outage_past_the_in_process_budget_is_retried_through_the_broker(
     worker: RunningWorker, peer: Peer, sim: SimulatorThread
 ) -> None:
-    set_faults(sim, fail_next=4, fail_status=500)
+    set_faults(sim, fail_next=4, fail_status=503)
     peer.publish(command())
     _, event = only_event(peer)
     assert event["data"]["status"] == "accepted" and event["data"]["attempts"] == 5
@@ -235,6 +255,7 @@ def test_worker_survives_everything_and_accepts_the_next_command(
         peer.publish(body)
     set_faults(sim, fail_next=1, fail_status=403)
     peer.publish(command())
+    assert len(peer.events(6)) == 6  # the 403 went to that command, not to the next one
     good = command()
     peer.publish(good)
     events = peer.events(7)
