@@ -18,8 +18,9 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     import os
 
     for name in list(os.environ):
-        if name.startswith("PABX_WORKER_"):
+        if name.upper().startswith("PABX_WORKER_"):
             monkeypatch.delenv(name)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
 
 
 def test_topology_export_matches_the_operators_definitions_file() -> None:
@@ -82,3 +83,39 @@ def test_send_invalid_json_exits_2_without_traceback() -> None:
 def test_simulate_requires_an_api_key() -> None:
     result = runner.invoke(app, ["simulate"])
     assert result.exit_code == 2 and "--api-key" in result.stderr
+
+
+@pytest.mark.parametrize("command", [["send", "-"], ["batch", "rows.csv"]])
+def test_negative_wait_is_a_usage_error(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--wait", "-1"], input="{}")
+    assert result.exit_code == 2
+    assert result.stderr == "pabx-worker: --wait: must be 0 or more seconds\n"
+
+
+def test_toml_syntax_error_names_the_file_and_position(tmp_path: Path) -> None:
+    config = tmp_path / "w.toml"
+    config.write_text("concurrency = = 4\n")
+    result = runner.invoke(app, ["topology", "export", "--config", str(config)])
+    assert result.exit_code == 2
+    [line] = result.stderr.splitlines()
+    assert f"--config {config}: invalid TOML" in line and "line 1, column" in line
+
+
+def test_unknown_variable_names_the_closest_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PABX_WORKER_CONCURENCY", "4")
+    result = runner.invoke(app, ["topology", "export"])
+    assert result.exit_code == 2
+    assert "PABX_WORKER_CONCURENCY" in result.stderr and "PABX_WORKER_CONCURRENCY?" in result.stderr
+
+
+def test_unreadable_secret_file_is_one_line_naming_variable_and_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unreadable = tmp_path / "missing"
+    monkeypatch.setenv("PABX_WORKER_AMQP_URL_FILE", str(unreadable))
+    result = runner.invoke(app, ["topology", "export"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "pabx-worker: configuration error: PABX_WORKER_AMQP_URL_FILE:"
+        f" cannot read {unreadable}: No such file or directory"
+    ]

@@ -26,7 +26,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.settings import ENV_PREFIX, Settings, load_settings
+from worker.settings import (
+    CREDENTIALS_ENV,
+    ENV_PREFIX,
+    FILE_SUFFIX,
+    SECRET_SETTINGS,
+    Settings,
+    known_variables,
+    load_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -34,8 +42,10 @@ SYSTEMD = DEPLOY / "systemd"
 DOCKER = DEPLOY / "docker"
 K8S = DEPLOY / "k8s"
 
-#: Every environment variable the worker reads.
-SETTING_NAMES = frozenset(ENV_PREFIX + name.upper() for name in Settings.model_fields)
+#: Every environment variable the worker reads, the secrets' ``*_FILE`` variables included.
+SETTING_NAMES = known_variables()
+#: The variables of secret settings: never plain in a deploy file, always a file.
+SECRET_NAMES = frozenset(ENV_PREFIX + name.upper() for name in SECRET_SETTINGS)
 VARIABLE = re.compile(r"\bPABX_WORKER_[A-Z0-9_]+")
 #: What a placeholder secret looks like in every example file.
 PLACEHOLDER = "CHANGE-ME"
@@ -68,16 +78,53 @@ def read_env_file(path: Path, *, commented: bool = False) -> dict[str, str]:
     return found
 
 
-def settings_from(env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The settings a worker started with exactly ``env`` would run with (``run`` included)."""
+def settings_from(
+    env: Mapping[str, str], monkeypatch: pytest.MonkeyPatch, credentials: Path | None = None
+) -> Settings:
+    """The settings a worker started with exactly ``env`` would run with (``run`` included).
+
+    ``credentials``: the directory systemd would name in ``$CREDENTIALS_DIRECTORY``.
+    """
     for key in list(os.environ):
         if key.upper().startswith(ENV_PREFIX):
             monkeypatch.delenv(key)
+    monkeypatch.delenv(CREDENTIALS_ENV, raising=False)
+    if credentials is not None:
+        monkeypatch.setenv(CREDENTIALS_ENV, str(credentials))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
     settings.require_targets()
     return settings
+
+
+def secret_files(mapping: Mapping[str, Path], directory: Path) -> Path:
+    """``directory`` holding a copy of each example file under its mounted name."""
+    directory.mkdir(exist_ok=True)
+    for name, example in mapping.items():
+        assert example.is_file(), f"{example} is missing"
+        assert_placeholders({name: example.read_text().removesuffix("\n")})
+        (directory / name).write_bytes(example.read_bytes())
+    return directory
+
+
+def file_variables(env: Mapping[str, str], mounted: str, directory: Path) -> dict[str, str]:
+    """``env`` with each ``*_FILE`` path under ``mounted`` moved to ``directory``."""
+    moved = dict(env)
+    for key, value in env.items():
+        if key.endswith(FILE_SUFFIX) and value.startswith(mounted + "/"):
+            moved[key] = str(directory / value.removeprefix(mounted + "/"))
+    return moved
+
+
+def assert_no_plain_secret(env: Mapping[str, str], where: str) -> None:
+    """Secret settings come from files; a plain one is fine only as a URL with no password."""
+    plain = {
+        key
+        for key, value in env.items()
+        if key in SECRET_NAMES and ("://" not in value or urlsplit(value).password)
+    }
+    assert not plain, f"{where}: {sorted(plain)} must come from files"
 
 
 def assert_placeholders(env: Mapping[str, str]) -> None:
@@ -115,6 +162,20 @@ def unit_environment(service: Mapping[str, list[str]]) -> dict[str, str]:
             key, _, value = item.partition("=")
             env[key] = value
     return env | read_env_file(SYSTEMD / "pabx-worker.env.example")
+
+
+def unit_credentials(unit: Path, *, commented: bool = False) -> dict[str, Path]:
+    """``LoadCredential=`` lines of a unit (or those offered as comments): name -> example file.
+
+    ``/etc/pabx-worker/credentials/F`` is installed from ``deploy/systemd/credentials/F.example``.
+    """
+    found = {}
+    pattern = r"^#LoadCredential=(.*)$" if commented else r"^LoadCredential=(.*)$"
+    for value in re.findall(pattern, unit.read_text(), flags=re.MULTILINE):
+        name, _, source = value.partition(":")
+        if source.startswith("/etc/pabx-worker/credentials/"):
+            found[name] = SYSTEMD / "credentials" / f"{Path(source).name}.example"
+    return found
 
 
 def seconds(value: str | int | float) -> float:
@@ -192,9 +253,12 @@ def test_unit_is_hardened(unit: Path) -> None:
     assert Path(argv[0]).name == "pabx-worker" and argv[1:] == ["run"]
 
 
-def test_unit_environment_is_valid(unit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unit_environment_is_valid(
+    unit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     service = read_unit(unit)["Service"]
-    settings = settings_from(unit_environment(service), monkeypatch)
+    credentials = secret_files(unit_credentials(unit), tmp_path / "credentials")
+    settings = settings_from(unit_environment(service), monkeypatch, credentials)
     assert seconds(service["TimeoutStopSec"][0]) > settings.shutdown_timeout_s
     # The SQLite store lives in the StateDirectory.
     state = Path("/var/lib") / service["StateDirectory"][0]
@@ -204,20 +268,49 @@ def test_unit_environment_is_valid(unit: Path, monkeypatch: pytest.MonkeyPatch) 
     assert "/etc/pabx-worker/pabx-worker.env" in service["EnvironmentFile"]
 
 
+def test_unit_hands_secrets_over_as_credentials(unit: Path) -> None:
+    service = read_unit(unit)["Service"]
+    assert_no_plain_secret(unit_environment(service), unit.name)
+    loaded, offered = unit_credentials(unit), unit_credentials(unit, commented=True)
+    # The worker finds a credential by the variable's name: only those names are any use.
+    assert set(loaded) | set(offered) <= SECRET_NAMES
+    assert set(loaded) == {"PABX_WORKER_AMQP_URL", "PABX_WORKER_PABX_API_KEY"}
+    for name, example in (loaded | offered).items():
+        assert example.is_file(), f"{unit.name}: {name} has no {example.relative_to(ROOT)}"
+
+
+def test_a_commented_store_credential_works_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unit = SYSTEMD / "pabx-worker.service"
+    every = unit_credentials(unit) | unit_credentials(unit, commented=True)
+    credentials = secret_files(every, tmp_path / "credentials")
+    env = unit_environment(read_unit(unit)["Service"])
+    # The credential wins over the unit's SQLite default.
+    assert settings_from(env, monkeypatch, credentials).store_url.startswith("redis://")
+
+
 def test_template_unit_reads_an_instance_env_file() -> None:
     service = read_unit(SYSTEMD / "pabx-worker@.service")["Service"]
     assert "/etc/pabx-worker/%i.env" in service["EnvironmentFile"]
 
 
-def test_env_example_is_valid_and_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_example_is_valid_and_holds_no_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     example = SYSTEMD / "pabx-worker.env.example"
+    credentials = secret_files(
+        unit_credentials(SYSTEMD / "pabx-worker.service"), tmp_path / "credentials"
+    )
     active = read_env_file(example)
     assert_placeholders(active)
-    settings_from(active, monkeypatch)
-    # Each commented alternative is valid too.
+    assert_no_plain_secret(active, example.name)
+    settings_from(active, monkeypatch, credentials)
+    # Each commented alternative is valid too, and no secret either.
     for key, value in read_env_file(example, commented=True).items():
         assert_placeholders({key: value})
-        settings_from(active | {key: value}, monkeypatch)
+        assert_no_plain_secret({key: value}, example.name)
+        settings_from(active | {key: value}, monkeypatch, credentials)
 
 
 def _units_with_runnable_exec(tmp_path: Path, *, uncomment: bool) -> Path:
@@ -412,6 +505,29 @@ def workers(compose: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+#: Where compose mounts a service's secrets.
+COMPOSE_SECRETS = "/run/secrets"
+
+
+def compose_secrets(compose: Mapping[str, Any], service: Mapping[str, Any]) -> dict[str, Path]:
+    """The secrets a service mounts: name -> the committed example of its file."""
+    declared = compose.get("secrets", {})
+    found = {}
+    for name in service.get("secrets", []):
+        assert isinstance(name, str), "secrets: use the short form (/run/secrets/NAME)"
+        found[name] = DOCKER / f"{declared[name]['file']}.example"
+    return found
+
+
+def worker_settings(
+    compose: Mapping[str, Any], service: Mapping[str, Any], tmp: Path, mp: pytest.MonkeyPatch
+) -> Settings:
+    """The settings of a worker service, its secret files mounted from the examples."""
+    mounted = secret_files(compose_secrets(compose, service), tmp / "secrets")
+    env = file_variables(service_env(service), COMPOSE_SECRETS, mounted)
+    return settings_from(env, mp)
+
+
 def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == COMPOSE_SERVICES
     for name, service in compose["services"].items():
@@ -422,18 +538,33 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
             source = volume.split(":")[0]
             if source.startswith("."):
                 assert (DOCKER / source).exists(), f"{name}: {source} is missing"
+        for secret, example in compose_secrets(compose, service).items():
+            assert example.is_file(), f"{name}: secret {secret} has no {example.name}"
     # Values come from env_file, never from interpolation of the caller's shell.
     assert not re.search(r"(?<!\$)\$(?!\$)", (DOCKER / "compose.yaml").read_text())
+    # The real secret files are never committed.
+    ignored = (DOCKER / "secrets" / ".gitignore").read_text().splitlines()
+    assert "*" in ignored and "!*.example" in ignored
+
+
+def test_compose_workers_read_their_secrets_from_files(compose: dict[str, Any]) -> None:
+    for name, service in workers(compose).items():
+        env = service_env(service)
+        assert_no_plain_secret(env, name)
+        mounted = {f"{COMPOSE_SECRETS}/{secret}" for secret in service["secrets"]}
+        files = {key: value for key, value in env.items() if key.endswith(FILE_SUFFIX)}
+        assert set(files) == {f"{secret}{FILE_SUFFIX}" for secret in SECRET_NAMES}, name
+        assert set(files.values()) <= mounted, f"{name}: a *_FILE names no mounted secret"
 
 
 def test_compose_workers_share_one_redis_store(
-    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    compose: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     found = workers(compose)
     assert sorted(found) == ["worker-1", "worker-2"]
     stores = set()
     for name, service in found.items():
-        settings = settings_from(service_env(service), monkeypatch)
+        settings = worker_settings(compose, service, tmp_path, monkeypatch)
         stores.add(settings.store_url)
         assert urlsplit(settings.store_url).hostname == "redis", name
         assert urlsplit(settings.amqp_url).hostname == "rabbitmq", name
@@ -451,11 +582,15 @@ def test_compose_workers_share_one_redis_store(
     assert len(stores) == 1 and stores.pop().startswith("redis://")
 
 
+def secret_example(compose: Mapping[str, Any], name: str) -> str:
+    return (DOCKER / f"{compose['secrets'][name]['file']}.example").read_text().removesuffix("\n")
+
+
 def test_compose_redis_survives_a_restart(compose: dict[str, Any]) -> None:
     command = " ".join(compose["services"]["redis"]["command"])
     assert "--appendonly yes" in command and "--appendfsync always" in command
     env = service_env(compose["services"]["redis"])
-    store = urlsplit(service_env(compose["services"]["worker-1"])["PABX_WORKER_STORE_URL"])
+    store = urlsplit(secret_example(compose, "PABX_WORKER_STORE_URL"))
     assert "$$REDIS_PASSWORD" in command and store.password == env["REDIS_PASSWORD"]
 
 
@@ -467,9 +602,10 @@ def test_compose_simulator_matches_the_workers(compose: dict[str, Any]) -> None:
     worker_env = service_env(compose["services"]["worker-1"])
     assert options["--host"] == "0.0.0.0"
     assert options["--port"] == str(urlsplit(worker_env["PABX_WORKER_PABX_URL"]).port)
-    # The simulator accepts the very key the workers send.
-    assert options["--api-key"] == "$PABX_WORKER_PABX_API_KEY"
-    assert "PABX_WORKER_PABX_API_KEY" in service_env(simulator)
+    # The simulator accepts the very key the workers send: the same secret file.
+    key_file = worker_env["PABX_WORKER_PABX_API_KEY_FILE"]
+    assert options["--api-key"] == f"$(cat {key_file})"
+    assert Path(key_file).name in simulator["secrets"]
 
 
 def test_compose_rabbitmq_loads_the_definitions(compose: dict[str, Any]) -> None:
@@ -495,10 +631,11 @@ def test_compose_rabbitmq_loads_the_definitions(compose: dict[str, Any]) -> None
     assert rabbit["entrypoint"][1] == mounts["./rabbitmq/access.sh"]
 
 
-def test_compose_secrets_example_is_consistent() -> None:
+def test_compose_secrets_example_is_consistent(compose: dict[str, Any]) -> None:
     env = read_env_file(DOCKER / "secrets.env.example")
     assert_placeholders(env)
-    amqp = urlsplit(env["PABX_WORKER_AMQP_URL"])
+    assert_no_plain_secret(env, "secrets.env.example")
+    amqp = urlsplit(secret_example(compose, "PABX_WORKER_AMQP_URL"))
     assert (amqp.username, amqp.password) == (env["RABBITMQ_USER"], env["RABBITMQ_PASSWORD"])
 
 
@@ -554,11 +691,35 @@ def test_k8s_schema_check_catches_a_typo(k8s: dict[str, dict[str, Any]]) -> None
         kubernetes_validate.validate(broken, K8S_VERSIONS[0], strict=True)
 
 
+def secret_mount(k8s: Mapping[str, dict[str, Any]]) -> str:
+    """Where the container mounts the Secret (read-only)."""
+    pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [mount] = [
+        m
+        for m in container(k8s)["volumeMounts"]
+        if "secret" in volumes[m["name"]]
+        and volumes[m["name"]]["secret"]["secretName"] == k8s["Secret"]["metadata"]["name"]
+    ]
+    assert mount.get("readOnly") is True
+    return str(mount["mountPath"])
+
+
 @pytest.fixture
-def k8s_settings(k8s: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """The settings a pod gets from the ConfigMap and the Secret."""
-    env = dict(k8s["ConfigMap"]["data"]) | dict(k8s["Secret"]["stringData"])
-    return settings_from(env, monkeypatch)
+def k8s_settings(
+    k8s: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The settings a pod gets from the ConfigMap, its env and the mounted Secret."""
+    mounted = tmp_path / "secret"
+    mounted.mkdir()
+    for key, value in k8s["Secret"]["stringData"].items():
+        (mounted / key).write_text(value)
+    env = dict(k8s["ConfigMap"]["data"]) | container_env(k8s)
+    return settings_from(file_variables(env, secret_mount(k8s), mounted), monkeypatch)
+
+
+def container_env(k8s: Mapping[str, dict[str, Any]]) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container(k8s).get("env", [])}
 
 
 def container(k8s: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
@@ -605,15 +766,27 @@ def test_k8s_deployment_is_hardened(k8s: dict[str, dict[str, Any]]) -> None:
     assert spec["args"] == ["run"]
 
 
-def test_k8s_deployment_reads_the_configmap_and_secret(
+def test_k8s_deployment_reads_the_configmap_and_mounts_the_secret(
     k8s: dict[str, dict[str, Any]], k8s_settings: Settings
 ) -> None:
-    sources = container(k8s)["envFrom"]
-    assert {"configMapRef": {"name": k8s["ConfigMap"]["metadata"]["name"]}} in sources
-    assert {"secretRef": {"name": k8s["Secret"]["metadata"]["name"]}} in sources
+    # Settings from the ConfigMap; secrets never as variables (no secretRef, no secretKeyRef).
+    spec = container(k8s)
+    assert spec["envFrom"] == [{"configMapRef": {"name": k8s["ConfigMap"]["metadata"]["name"]}}]
+    assert all("valueFrom" not in item for item in spec.get("env", []))
+    assert_no_plain_secret(k8s["ConfigMap"]["data"], "configmap.yaml")
+    # Each secret setting is a file of the mounted Secret, named after its key.
+    mount = secret_mount(k8s)
+    files = {k: v for k, v in container_env(k8s).items() if k.endswith(FILE_SUFFIX)}
+    assert set(files) == {name + FILE_SUFFIX for name in SECRET_NAMES}
+    assert {f"{mount}/{key}" for key in k8s["Secret"]["stringData"]} == set(files.values())
+    # The non-root user reads the files through the pod's fsGroup; nobody writes them.
     pod = k8s["Deployment"]["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["defaultMode"] & 0o222 == 0 and volume["secret"]["defaultMode"] & 0o040
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
     assert pod["terminationGracePeriodSeconds"] > k8s_settings.shutdown_timeout_s
     assert k8s_settings.store_url.startswith(("redis://", "postgresql://")), "replicas share it"
+    assert urlsplit(k8s_settings.amqp_url).password == "CHANGE-ME"
 
 
 def test_k8s_pdb_keeps_one_of_two(k8s: dict[str, dict[str, Any]]) -> None:

@@ -37,11 +37,20 @@ ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="TOML file with settings (environment variables win)."),
 ]
+NoDeclareOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-declare",
+        help="Do not declare the topology (needs no configure permission): check it passively.",
+    ),
+]
 T = TypeVar("T")
 
 
 def _fail(code: int, message: str) -> typer.Exit:
-    typer.echo(f"pabx-worker: {message}", err=True)
+    """Print ``message`` as one line on stderr; the exit to raise with ``code``."""
+    one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
+    typer.echo(f"pabx-worker: {one_line}", err=True)
     return typer.Exit(code)
 
 
@@ -81,6 +90,16 @@ def simulate(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     api_key: Annotated[str, typer.Option("--api-key", help="The x-api-key it accepts.")] = "",
     latency_ms: Annotated[float, typer.Option("--latency-ms", help="Initial latency.")] = 0,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM).")
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")
+    ] = None,
+    client_ca: Annotated[
+        Path | None,
+        typer.Option("--client-ca", help="Require client certificates signed by this CA."),
+    ] = None,
 ) -> None:
     """Serve the PABX simulator (vendor API + /_sim admin API)."""
     from worker.simulator import run_simulator
@@ -88,7 +107,15 @@ def simulate(
     if not api_key:
         raise _fail(2, "--api-key: required and must not be empty")
     try:
-        run_simulator(host=host, port=port, api_key=api_key, latency_ms=latency_ms)
+        run_simulator(
+            host=host,
+            port=port,
+            api_key=api_key,
+            latency_ms=latency_ms,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            client_ca=client_ca,
+        )
     except ValueError as exc:
         raise _fail(2, str(exc)) from None
     except OSError as exc:
@@ -108,12 +135,15 @@ def send(
     file: Annotated[str, typer.Argument(help="JSON command file, or - for stdin.")] = "-",
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome; 0: don't.")] = 0,
     validate: Annotated[bool, typer.Option(help="Validate before publishing.")] = True,
+    no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish one command with publisher confirms; --wait prints its outcome."""
     from worker.messages import Delivery, decode_command, parse_json
     from worker.producer import Producer
 
+    if wait < 0:
+        raise _fail(2, "--wait: must be 0 or more seconds")
     try:
         body = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
     except OSError as exc:
@@ -133,7 +163,7 @@ def send(
     settings = _settings(config)
 
     def publish() -> dict[str, Any] | None:
-        with Producer(settings) as producer:
+        with Producer(settings, declare=not no_declare) as producer:
             producer.publish([(body, message_id)], reply=wait > 0)
             if wait <= 0:
                 return None
@@ -159,6 +189,7 @@ def batch(
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="Publish the valid rows, report the others.")
     ] = False,
+    no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
@@ -183,7 +214,7 @@ def batch(
         raise _fail(2, f"{file}: no valid command to publish")
     out = _open_for_writing(results, "--results")
     try:
-        code = _run_batch(settings, file, loaded, wait, out)
+        code = _run_batch(settings, file, loaded, wait, out, declare=not no_declare)
     finally:
         if out is not None:
             out.close()
@@ -199,13 +230,15 @@ def _open_for_writing(path: Path | None, option: str) -> Any:
         raise _fail(2, f"{option}: cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _run_batch(settings: Settings, file: Path, loaded: Any, wait: float, out: Any) -> int:
+def _run_batch(
+    settings: Settings, file: Path, loaded: Any, wait: float, out: Any, *, declare: bool = True
+) -> int:
     from worker.batch import NOT_PUBLISHED, BatchRun, CommandResult, make_progress, run_batch
     from worker.batch import write_results as write
     from worker.producer import Producer
 
     def publish() -> BatchRun:
-        with Producer(settings) as producer:
+        with Producer(settings, declare=declare) as producer:
             return run_batch(producer, loaded.commands, wait=wait, progress=make_progress())
 
     try:
@@ -270,15 +303,23 @@ def _age(seconds: float | None) -> str:
     return f"{whole // 60}m{whole % 60:02d}s" if whole >= 60 else f"{whole}s"
 
 
-def _browse(settings: Settings, where: Any, limit: int | None) -> tuple[int, list[Any]]:
+def _browse(
+    settings: Settings, where: Any, limit: int | None, *, declare: bool = True
+) -> tuple[int, list[Any]]:
     from worker.parked import ParkedQueue
-    from worker.producer import Producer
 
     def browse() -> tuple[int, list[Any]]:
-        with Producer(settings) as producer:
+        with _producer(settings, declare=declare) as producer:
             return ParkedQueue(producer).browse(where=where, limit=limit)
 
     return _guard(browse)
+
+
+def _producer(settings: Settings, *, declare: bool) -> Any:
+    """A Producer for the parked tools: without declaring, the parked queue is checked too."""
+    from worker.producer import Producer
+
+    return Producer(settings, declare=declare, needs=() if declare else (settings.parked_queue,))
 
 
 @parked_app.command("list")
@@ -288,6 +329,7 @@ def parked_list(
     newer_than: NewerOption = None,
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
     """List parked commands with reason, age and attempts (without consuming them)."""
@@ -295,7 +337,7 @@ def parked_list(
 
     where = _parked_filter(code, older_than, newer_than)
     settings = _settings(config)
-    depth, found = _browse(settings, where, limit)
+    depth, found = _browse(settings, where, limit, declare=not no_declare)
     now = datetime.now(UTC)
     if as_json:
         typer.echo(json.dumps([m.summary(now) for m in found], indent=2, ensure_ascii=False))
@@ -317,6 +359,7 @@ def parked_list(
 def parked_show(
     command_id: Annotated[str, typer.Argument(help="Command id (or AMQP message/correlation id).")],
     as_json: Annotated[bool, typer.Option("--json", help="JSON, for scripts.")] = False,
+    no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Show the parked copies of one command: why, when, attempts, headers and body."""
@@ -325,7 +368,7 @@ def parked_show(
     from worker.parked import ParkedFilter
 
     settings = _settings(config)
-    depth, every = _browse(settings, ParkedFilter(), None)
+    depth, every = _browse(settings, ParkedFilter(), None, declare=not no_declare)
     ids = ("message_id", "correlation_id")
     found = [
         m
@@ -383,13 +426,13 @@ def parked_replay(
         float | None, typer.Option(min=0.001, help="At most this many messages per second.")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would move.")] = False,
+    no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Move parked commands back to the commands exchange; ack each once confirmed."""
     from datetime import UTC, datetime
 
     from worker.parked import ParkedMessage, ParkedQueue, ReplayReport
-    from worker.producer import Producer
 
     where = _parked_filter(code, older_than, newer_than)
     settings = _settings(config)
@@ -400,7 +443,7 @@ def parked_replay(
         typer.echo(f"replayed {what}" if ok else f"NOT replayed {what}: {reason}")
 
     def replay() -> ReplayReport:
-        with Producer(settings) as producer:
+        with _producer(settings, declare=not no_declare) as producer:
             return ParkedQueue(producer).replay(
                 where=where, limit=limit, rate=rate, dry_run=dry_run, on_replayed=said
             )

@@ -24,7 +24,8 @@ CLI = [sys.executable, "-m", "worker"]
 
 
 def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PABX_WORKER_")}
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PABX_WORKER_")}
+    env.pop("CREDENTIALS_DIRECTORY", None)
     for name in (
         "amqp_url",
         "commands_exchange",
@@ -72,6 +73,41 @@ def test_run_consumes_and_stops_cleanly_on_sigterm(
     assert handled["command_id"] == cmd["command_id"]
     assert handled["ID_CHAMADA"] == cmd["redirect"]["ID_CHAMADA"]
     assert handled["attempt"] == 1 and handled["duration_ms"] >= 0
+
+
+def test_run_reads_its_secrets_from_a_file_and_a_credential(
+    settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    """The API key from ``PABX_WORKER_PABX_API_KEY_FILE``, the broker URL from systemd."""
+    key_file = tmp_path / "pabx-api-key"
+    key_file.write_text(API_KEY + "\n")
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "PABX_WORKER_AMQP_URL").write_text(settings.amqp_url + "\n")
+    env = env_for(
+        settings,
+        PABX_WORKER_PABX_URL=sim.url,
+        PABX_WORKER_PABX_API_KEY_FILE=str(key_file),
+        PABX_WORKER_PABX_CHANNEL_ID="17",
+        PABX_WORKER_HTTP_PORT="0",
+        PABX_WORKER_STORE_URL=f"sqlite:///{tmp_path / 'store.sqlite3'}",
+        CREDENTIALS_DIRECTORY=str(credentials),
+    )
+    del env["PABX_WORKER_AMQP_URL"]
+    proc = subprocess.Popen([*CLI, "run"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        peer.publish(command())
+        _, event = peer.events(1, timeout=30)[0]
+        assert event["data"]["status"] == "accepted"  # the simulator checked the key
+        proc.send_signal(signal.SIGTERM)
+        _, logs = proc.communicate(timeout=30)
+        assert proc.returncode == 0, logs
+    finally:
+        proc.kill()
+        if proc.stderr:
+            proc.stderr.close()
+    assert API_KEY not in logs
+    assert sim_requests(sim)[0]["headers"]["x-api-key"] == API_KEY
 
 
 def test_send_wait_prints_the_outcome(

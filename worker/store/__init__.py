@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
+from pathlib import Path
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 from worker.errors import ConfigurationError
 from worker.store.base import RETENTION_S, Claim, ClaimState, Store
 
 __all__ = ["RETENTION_S", "Claim", "ClaimState", "Store", "open_store", "redact_url"]
+
+#: The setting every error about the store URL names.
+SETTING = "PABX_WORKER_STORE_URL"
+#: What a store URL looks like, for error messages.
+EXPECTED = "expected sqlite:///PATH, redis://HOST[:PORT][/DB] or postgresql://HOST[:PORT]/DB"
 
 
 def redact_url(url: str) -> str:
@@ -26,27 +32,51 @@ def redact_url(url: str) -> str:
 
 
 def open_store(url: str) -> Store:
-    """Open the store a ``STORE_URL`` names: ``sqlite:///path``, ``memory://``, …"""
-    scheme = urlsplit(url).scheme
-    if scheme == "sqlite":
-        from worker.store.sqlite import SqliteStore
-
-        path = url.removeprefix("sqlite:///")
-        if not path or path == url:
-            raise ConfigurationError(f"PABX_WORKER_STORE_URL: expected sqlite:///PATH, got {url!r}")
-        return SqliteStore(path)
-    if scheme == "memory":
+    """Open the store a ``STORE_URL`` names; an unusable URL is a ConfigurationError."""
+    parts = _split(url)
+    if parts.scheme == "sqlite":
+        return _open_sqlite(url)
+    if parts.scheme == "memory":
         from worker.store.memory import MemoryStore
 
         return MemoryStore()
-    if scheme in ("redis", "rediss"):
+    if parts.scheme in ("redis", "rediss"):
         from worker.store.redis import RedisStore
 
+        if parts.path.strip("/") and not parts.path.strip("/").isdigit():
+            raise ConfigurationError(f"{SETTING}: the Redis database must be a number (/0)")
+
         return RedisStore.from_url(url)
-    if scheme in ("postgresql", "postgres"):
+    if parts.scheme in ("postgresql", "postgres"):
         from worker.store.postgres import PostgresStore
 
         return PostgresStore.from_url(url)
-    raise ConfigurationError(
-        f"PABX_WORKER_STORE_URL: unsupported scheme {scheme!r} (sqlite, redis, postgresql)"
-    )
+    raise ConfigurationError(f"{SETTING}: unsupported scheme {parts.scheme!r}; {EXPECTED}")
+
+
+def _split(url: str) -> SplitResult:
+    """``url`` split, with its port checked (never echoing the URL: it may hold a password)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigurationError(f"{SETTING}: not a valid URL ({exc}); {EXPECTED}") from None
+    if port == 0:
+        raise ConfigurationError(f"{SETTING}: port 0 is not a port; {EXPECTED}")
+    return parts
+
+
+def _open_sqlite(url: str) -> Store:
+    from worker.errors import StoreError
+    from worker.store.sqlite import SqliteStore
+
+    path = url.removeprefix("sqlite:///")
+    if not path or path == url:
+        raise ConfigurationError(f"{SETTING}: expected sqlite:///PATH (sqlite:////ABSOLUTE/PATH)")
+    directory = Path(path).parent
+    if not directory.is_dir():
+        raise ConfigurationError(f"{SETTING}: cannot open {path}: no directory {directory}")
+    try:
+        return SqliteStore(path)
+    except StoreError as exc:  # a file we cannot open or that is no database
+        raise ConfigurationError(f"{SETTING}: {exc}") from exc
