@@ -113,7 +113,11 @@ class Worker:
         self._processor.stopping.set()
 
     def run(self) -> None:
-        """Consume until stopped; a ConfigurationError (topology mismatch) ends it."""
+        """Consume until stopped; a ConfigurationError ends it.
+
+        That is a topology mismatch, refused credentials or vhost, or a TLS certificate
+        failure: retrying cannot fix any of them.
+        """
         wait = 0.5
         purger = threading.Thread(target=self._purge_loop, name="pabx-purge", daemon=True)
         purger.start()
@@ -145,7 +149,12 @@ class Worker:
         self.state.sessions += 1
         session = self.state.sessions
         connection = connect(
-            self._settings.amqp_url, start=session - 1, heartbeat=self._settings.heartbeat_s
+            self._settings.amqp_url,
+            start=session - 1,
+            heartbeat=self._settings.heartbeat_s,
+            ca_file=self._settings.amqp_ca_file,
+            cert_file=self._settings.amqp_cert_file,
+            key_file=self._settings.amqp_key_file,
         )
         try:
             self.state.connected = True
@@ -413,6 +422,7 @@ def _to_delivery(message: Any) -> Delivery:
         message_id=props.get("message_id"),
         correlation_id=props.get("correlation_id"),
         reply_to=props.get("reply_to"),
+        user_id=props.get("user_id"),
         timestamp=timestamp,
         headers=headers,
         redelivered=redelivered,

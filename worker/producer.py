@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker.broker import broker_call, connect
-from worker.errors import BrokerError
+from worker.errors import BrokerError, ConfigurationError
 from worker.publisher import ConfirmingPublisher, Publication
 from worker.settings import Settings
 from worker.topology import Topology
@@ -91,13 +91,32 @@ def raw_body(message: Any) -> bytes:
 class Producer:
     """Publishes commands to ``pabx.commands`` and collects outcome events by correlation id."""
 
-    def __init__(self, settings: Settings, *, declare: bool = True) -> None:
+    def __init__(
+        self, settings: Settings, *, declare: bool = True, needs: tuple[str, ...] = ()
+    ) -> None:
+        """Connect; declare the topology, or with ``declare=False`` only check it passively.
+
+        ``needs`` names queues the caller will read (the parked queue), checked too.
+        """
         self._settings = settings
-        self._connection = connect(settings.amqp_url)
+        self._connection = connect(
+            settings.amqp_url,
+            ca_file=settings.amqp_ca_file,
+            cert_file=settings.amqp_cert_file,
+            key_file=settings.amqp_key_file,
+        )
+        topology = Topology.from_settings(settings)
+        channel = broker_call(self._connection.channel)
         if declare:
-            broker_call(
-                Topology.from_settings(settings).declare, broker_call(self._connection.channel)
-            )
+            broker_call(topology.declare, channel)
+        else:
+            try:
+                broker_call(
+                    topology.check, channel, exchanges=(settings.commands_exchange,), queues=needs
+                )
+            except ConfigurationError:
+                self.close()
+                raise
         self._publisher = ConfirmingPublisher(broker_call(self._connection.channel))
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}

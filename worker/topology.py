@@ -110,7 +110,21 @@ class Topology:
         )
 
     def declare(self, channel: Any) -> None:
-        """Declare everything on an open py-amqp channel; a mismatch is a ConfigurationError."""
+        """Declare everything on an open py-amqp channel; a mismatch is a ConfigurationError.
+
+        So is a user without configure permission: producers use ``--no-declare``.
+        """
+        from amqp.exceptions import AccessRefused
+
+        try:
+            self._declare(channel)
+        except AccessRefused as exc:
+            raise ConfigurationError(
+                f"PABX_WORKER_AMQP_URL: this user may not declare the topology ({exc.reply_text});"
+                " producers and operators without configure permission pass --no-declare"
+            ) from None
+
+    def _declare(self, channel: Any) -> None:
         from amqp.exceptions import PreconditionFailed
 
         for exchange in self.exchanges:
@@ -133,6 +147,30 @@ class Topology:
                 raise _mismatch("queue", queue.name, queue.arguments, exc) from None
         for binding in self.bindings:
             channel.queue_bind(binding.queue, binding.exchange, binding.routing_key)
+
+    def check(
+        self, channel: Any, *, exchanges: tuple[str, ...], queues: tuple[str, ...] = ()
+    ) -> None:
+        """Check passively that an operator declared what a producer needs (``--no-declare``).
+
+        Needs no configure permission; a missing exchange or queue is a ConfigurationError.
+        The broker closes ``channel`` on the first one missing: pass a channel of its own.
+        """
+        from amqp.exceptions import NotFound
+
+        for kind, names in (("exchange", exchanges), ("queue", queues)):
+            for name in names:
+                try:
+                    if kind == "exchange":
+                        channel.exchange_declare(name, "topic", passive=True)
+                    else:
+                        channel.queue_declare(name, passive=True)
+                except NotFound:
+                    raise ConfigurationError(
+                        f"{kind} {name!r} does not exist on the broker: an operator declares the"
+                        " topology first (`pabx-worker topology declare` with configure"
+                        " permission); --no-declare only checks it"
+                    ) from None
 
     def definitions(self, vhost: str = "/") -> dict[str, Any]:
         """The topology as a RabbitMQ definitions document (``rabbitmqctl import_definitions``)."""
