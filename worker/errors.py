@@ -9,7 +9,8 @@ mapped to these at the boundary that met them::
     ├── InvalidCommand              a command that can never succeed as sent
     ├── PabxError                   the PABX answered badly or not at all
     │   ├── PabxTransientError      may succeed later
-    │   │   ├── PabxUnreachable     not sent: refused, DNS, TLS handshake, connect timeout
+    │   │   ├── PabxUnreachable     not sent: refused, DNS, TLS handshake cut short, connect
+    │   │   │                       timeout
     │   │   │   ├── CircuitOpen     not sent: the target's circuit breaker is open
     │   │   │   └── PabxUnavailable answered 429 or 503: it did not act, retry
     │   │   └── PabxOutcomeUnknown  ambiguous: sent, then no answer (read timeout, reset,
@@ -18,7 +19,9 @@ mapped to these at the boundary that met them::
     │       ├── PabxBadRequest      400
     │       ├── PabxUnauthorized    401
     │       ├── PabxForbidden       403
-    │       └── PabxRejected        any other non-200 answer
+    │       ├── PabxRejected        any other non-200 answer
+    │       └── PabxTlsError        not sent: TLS handshake refused (certificate not trusted,
+    │                               wrong host name, expired; client certificate missing)
     ├── StoreError                  the idempotency store did not answer
     └── BrokerError                 the broker refused or dropped us
 """
@@ -36,6 +39,7 @@ __all__ = [
     "PabxOutcomeUnknown",
     "PabxPermanentError",
     "PabxRejected",
+    "PabxTlsError",
     "PabxTransientError",
     "PabxUnauthorized",
     "PabxUnavailable",
@@ -80,7 +84,10 @@ class PabxTransientError(PabxError):
 
 
 class PabxUnreachable(PabxTransientError):
-    """Not sent: the request never reached the PABX (refused, DNS, TLS, connect timeout)."""
+    """Not sent: the request never reached the PABX (refused, DNS, TLS, connect timeout).
+
+    A TLS handshake that can never succeed with these settings is :class:`PabxTlsError`.
+    """
 
     code = "pabx_unreachable"
 
@@ -127,6 +134,16 @@ class PabxForbidden(PabxPermanentError):
 
 class PabxRejected(PabxPermanentError):
     """Any other non-200 answer (404, 405, 501 …)."""
+
+
+class PabxTlsError(PabxPermanentError):
+    """Not sent: the TLS handshake failed for a reason retrying cannot fix.
+
+    The PABX's certificate did not verify (unknown CA, wrong host name, expired), or the
+    PABX refused ours (missing, unknown, expired). Its code is that of a PABX not reached.
+    """
+
+    code = "pabx_unreachable"
 
 
 class StoreError(PabxWorkerError):

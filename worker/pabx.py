@@ -17,11 +17,27 @@ Time bound
     watch firing later leaves it alone; one shut down just before (an answer complete at
     the very deadline) goes back to the pool, where urllib3 finds it dead and replaces it.
 
+TLS
+    An ``https://`` target is verified against the system CAs, or its ``ca_file``, host name
+    included; ``cert_file``/``key_file`` are the client certificate for mutual TLS;
+    ``verify = false`` turns verification off (warned once, at construction). Each target
+    has its own SSL context, built once, and so its own pool: urllib3 keys pools by scheme,
+    host, port *and* TLS settings, so two targets on one host never share a connection.
+    Given ``targets``, the constructor builds every context up front and fails with a
+    :class:`~worker.errors.ConfigurationError` naming the target and the key of a file it
+    cannot load; a target it was not given gets its context on its first request, and a
+    file that cannot be loaded then fails that request (:class:`~worker.errors.PabxTlsError`).
+
 Classification
+    *Refused* (:class:`~worker.errors.PabxTlsError`, permanent): a TLS handshake that no
+    retry can fix: our verification failed (unknown CA, wrong host name, expired), or the
+    PABX sent a fatal alert about certificates (ours missing, unknown, expired …). An alert
+    arriving after the request was written still means the PABX never read it: TLS 1.3
+    lets a client write before the server has checked the client's certificate.
     *Not sent* (:class:`~worker.errors.PabxUnreachable`): connection refused, DNS failure,
-    connect timeout, any failure before the first byte of the request was written (a TLS
-    handshake failure included), the time bound reached before that; and the answers 429
-    and 503 (:class:`~worker.errors.PabxUnavailable`).
+    connect timeout, any other failure before the first byte of the request was written (a
+    TLS handshake cut short included), the time bound reached before that; and the answers
+    429 and 503 (:class:`~worker.errors.PabxUnavailable`).
     *Ambiguous* (:class:`~worker.errors.PabxOutcomeUnknown`): once the request was written,
     a read timeout, a reset or close of the connection, an answer cut short at the time
     bound (even if its status line had come); and the answers 500, 502 and 504. Other
@@ -40,19 +56,34 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import logging
 import math
+import re
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import urllib3
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
+from urllib3.util import parse_url
+from urllib3.util.ssl_ import create_urllib3_context
+from urllib3.util.ssl_match_hostname import CertificateError
 
-from worker.errors import PabxError, PabxOutcomeUnknown, PabxUnreachable, error_for_status
+from worker.errors import (
+    ConfigurationError,
+    PabxError,
+    PabxOutcomeUnknown,
+    PabxTlsError,
+    PabxUnreachable,
+    error_for_status,
+)
 from worker.settings import PabxTarget
 
 __all__ = ["OPERATION", "HttpPabx"]
@@ -62,6 +93,28 @@ OPERATION = "executa-desvio"
 
 #: How soon the reaper tries again to cut a request whose socket is not there yet.
 _RETRY_CUT_S = 0.02
+#: Pools kept at least (one per https target, one per plain host); more when more targets.
+_MIN_POOLS = 8
+#: Fatal alerts a TLS server sends when it will not take our certificate or settings.
+_REFUSALS = frozenset(
+    {
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_HANDSHAKE_FAILURE",  # TLS 1.2: no client certificate, no shared cipher
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+        "TLSV1_ALERT_PROTOCOL_VERSION",
+        "TLSV1_ALERT_UNKNOWN_CA",
+    }
+)
+#: OpenSSL's wrapping of a message: ``[SSL: REASON] message (_ssl.c:1006)``.
+_SSL_NOISE = re.compile(r"^\[[A-Z0-9_: ]+\]\s*|\s*\(_ssl\.c:\d+\)$")
+
+log = logging.getLogger("pabx_worker.pabx")
 
 
 class _Watch:
@@ -105,16 +158,45 @@ def _attach(conn: HTTPConnection) -> _Watch | None:
 
 
 class _WatchedHTTPConnection(HTTPConnection):
-    """Attaches itself to the current thread's watch when it connects or sends."""
+    """Attaches itself to the current thread's watch when it connects or sends.
+
+    The header block is held back and written with the body, in one write (one TLS
+    record): the request goes out whole or not at all, and a PABX refusing our TLS
+    certificate, which closes the connection as the request arrives, cannot fail the
+    second of two writes before its alert can be read.
+    """
 
     #: When the pool got the connection back; None while in use.
     idle_since: float | None = None
+    #: Inside ``endheaders``: what ``send`` gets is the header block, to hold back.
+    _holding = False
+    #: The header block held back.
+    _head: bytes | None = None
 
     def connect(self) -> None:
         _attach(self)
         super().connect()
 
+    def endheaders(self, message_body: Any = None, *, encode_chunked: bool = False) -> None:
+        self._head, self._holding = None, True
+        try:
+            super().endheaders(message_body, encode_chunked=encode_chunked)
+        finally:
+            self._holding = False
+
     def send(self, data: Any) -> None:
+        if self._holding and isinstance(data, bytes):
+            self._head = data if self._head is None else self._head + data
+            return
+        head, self._head = self._head, None
+        if head is not None:
+            if isinstance(data, bytes):
+                data = head + data
+            else:
+                self._write(head)
+        self._write(data)
+
+    def _write(self, data: Any) -> None:
         watch = _attach(self)
         if watch is not None and not watch.sent:
             if self.sock is None:
@@ -126,6 +208,9 @@ class _WatchedHTTPConnection(HTTPConnection):
         super().send(data)
 
     def getresponse(self) -> Any:
+        head, self._head = self._head, None
+        if head is not None:  # a request without a body
+            self._write(head)
         # The answer is read in full here (preload_content): detach at once, so a watch
         # firing from now on leaves the connection alone.
         response = super().getresponse()
@@ -176,6 +261,12 @@ class _WatchedHTTPSPool(HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
     idle_timeout_s = 4.0
 
+    def _validate_conn(self, conn: Any) -> None:
+        # urllib3's version warns on every unverified connection: ``verify = false`` is a
+        # setting, warned about once when the client is made.
+        if conn.is_closed:
+            conn.connect()
+
     def _get_conn(self, timeout: float | None = None) -> Any:
         return _take(super()._get_conn(timeout), self.idle_timeout_s)
 
@@ -203,6 +294,117 @@ class _PoolManager(urllib3.PoolManager):
         if isinstance(pool, _WatchedHTTPPool | _WatchedHTTPSPool):
             pool.idle_timeout_s = self.idle_timeout_s
         return pool
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where a target's requests go: its pool's key and its path prefix."""
+
+    scheme: str
+    host: str
+    port: int | None
+    prefix: str
+    #: ``{"ssl_context": ...}`` for an https target (its own pool); None for plain HTTP.
+    pool_kwargs: dict[str, Any] | None
+
+
+def _route_key(target: PabxTarget) -> tuple[Any, ...]:
+    return (
+        target.name,
+        target.url,
+        target.ca_file,
+        target.cert_file,
+        target.key_file,
+        target.verify,
+    )
+
+
+def _readable(name: str, key: str, path: Path) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"pabx.{name}.{key}: cannot read {path}: {exc.strerror or exc}"
+        ) from exc
+
+
+def _load(what: str, load: Callable[[], None]) -> None:
+    try:
+        load()
+    except (OSError, ValueError) as exc:  # ssl.SSLError: not PEM, key not matching
+        raise ConfigurationError(f"{what}: {exc}") from exc
+
+
+def _ssl_context(target: PabxTarget, name: str) -> ssl.SSLContext:
+    """The target's client TLS context: its trust, its client certificate, verification."""
+    if not target.verify:
+        return _with_client_cert(create_urllib3_context(cert_reqs=ssl.CERT_NONE), target, name)
+    context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    ca_file = target.ca_file
+    if ca_file is None:
+        context.load_default_certs()
+    else:
+        _load(
+            f"pabx.{name}.ca_file: cannot load {ca_file}",
+            lambda: context.load_verify_locations(cafile=ca_file),
+        )
+    return _with_client_cert(context, target, name)
+
+
+def _with_client_cert(context: ssl.SSLContext, target: PabxTarget, name: str) -> ssl.SSLContext:
+    cert_file, key_file = target.cert_file, target.key_file
+    if cert_file is not None:
+        _load(
+            f"pabx.{name}.cert_file: cannot load {cert_file} with key_file {key_file}",
+            lambda: context.load_cert_chain(cert_file, key_file),
+        )
+    return context
+
+
+def _check_files(target: PabxTarget, name: str) -> None:
+    """Every TLS file the target names can be read; a key needs its certificate."""
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(target, key)
+        if path is not None:
+            _readable(name, key, path)
+    if target.key_file is not None and target.cert_file is None:
+        raise ConfigurationError(f"pabx.{name}.key_file: needs cert_file, the certificate")
+
+
+def _make_route(target: PabxTarget, name: str) -> _Route:
+    """How to reach ``target``; ConfigurationError naming a TLS file it cannot use."""
+    _check_files(target, name)
+    url = parse_url(target.url)
+    scheme = url.scheme or "http"
+    if url.host is None:
+        raise ConfigurationError(f"pabx.{name}.url: no host in {target.url}")
+    tls = {"ssl_context": _ssl_context(target, name)} if scheme == "https" else None
+    return _Route(scheme, url.host, url.port, (url.path or "").rstrip("/"), tls)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and every exception it wraps (arguments, cause, context)."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo.extend(arg for arg in current.args if isinstance(arg, BaseException))
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """Why the TLS handshake failed for good, or None if it did not, or might not."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError | CertificateError):
+            return _SSL_NOISE.sub("", str(cause))
+        if isinstance(cause, ssl.SSLError) and cause.reason in _REFUSALS:
+            return f"refused by the PABX: {_SSL_NOISE.sub('', str(cause))}"
+    return None
 
 
 class _Reaper:
@@ -294,13 +496,26 @@ class HttpPabx:
         connect_timeout_s: float,
         read_timeout_s: float,
         idle_timeout_s: float = 4.0,
+        targets: Mapping[str, PabxTarget] | None = None,
     ) -> None:
+        """``targets``: check and prepare each one's TLS now (ConfigurationError naming it)."""
         self._bound_s = connect_timeout_s + read_timeout_s
         self._too_long = f"PABX answer took longer than {self._bound_s:g} s"
+        self._routes: dict[tuple[Any, ...], _Route] = {}
+        self._routes_lock = threading.Lock()
+        for name, target in (targets or {}).items():
+            self._routes[_route_key(target)] = _make_route(target, name)
+            if not target.verify:
+                log.warning(
+                    "TLS verification is off for PABX target %s: its certificate and host "
+                    "name are not checked (verify = false)",
+                    name,
+                    extra={"target": name},
+                )
         self._reaper = _Reaper()
         self._pool = _PoolManager(
             idle_timeout_s=idle_timeout_s,
-            num_pools=8,
+            num_pools=max(_MIN_POOLS, len(targets or ())),
             maxsize=pool_size,
             block=False,
             retries=False,
@@ -308,7 +523,11 @@ class HttpPabx:
         )
 
     def redirect(self, target: PabxTarget, channel_id: int, body: Mapping[str, str]) -> int:
-        url = f"{target.url}/requests/{channel_id}/{OPERATION}"
+        route = self._route(target)
+        pool = self._pool.connection_from_host(
+            route.host, route.port, route.scheme, pool_kwargs=route.pool_kwargs
+        )
+        path = f"{route.prefix}/requests/{channel_id}/{OPERATION}"
         headers = {
             "x-api-key": target.api_key.get_secret_value(),
             "Content-Type": "application/json",
@@ -317,7 +536,9 @@ class HttpPabx:
         watch = self._reaper.watch(self._bound_s)
         _current.watch = watch
         try:
-            response = self._pool.request("POST", url, body=payload, headers=headers)
+            response = pool.urlopen(
+                "POST", path, body=payload, headers=headers, retries=False, redirect=False
+            )
         except HTTPError as exc:
             raise self._failure(exc, watch) from exc
         finally:
@@ -330,12 +551,30 @@ class HttpPabx:
             raise error_for_status(response.status)
         return int(response.status)
 
+    def _route(self, target: PabxTarget) -> _Route:
+        """The target's route, made (and its SSL context built) on first use."""
+        key = _route_key(target)
+        route = self._routes.get(key)
+        if route is None:
+            with self._routes_lock:
+                route = self._routes.get(key)
+                if route is None:
+                    try:
+                        route = _make_route(target, target.name)
+                    except ConfigurationError as exc:  # not checked up front: no ``targets``
+                        raise PabxTlsError(f"PABX TLS not set up: {exc}") from exc
+                    self._routes[key] = route
+        return route
+
     def _failure(self, exc: HTTPError, watch: _Watch) -> PabxError:
         name = type(exc).__name__
         if watch.fired:
             if watch.sent:
                 return PabxOutcomeUnknown(self._too_long)
             return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
+        refusal = _tls_refusal(exc)
+        if refusal is not None:
+            return PabxTlsError(f"PABX TLS handshake failed: {refusal}")
         if isinstance(exc, NewConnectionError):  # a ConnectTimeoutError subclass, oddly
             return PabxUnreachable(f"PABX unreachable: {name}")
         if isinstance(exc, ConnectTimeoutError):

@@ -62,6 +62,16 @@ Admin API (not part of the vendor API):
 ``GET /_sim/health``       ``200 {"status": "ok"}``.
 =========================  ===============================================================
 
+HTTPS
+    With ``tls_cert`` and ``tls_key`` (``--tls-cert``/``--tls-key``: PEM files) the simulator
+    serves HTTPS, admin API included, and its URL is ``https://HOST:PORT``.  With
+    ``client_ca`` (``--client-ca``) too it demands a client certificate signed by that CA
+    (mutual TLS): a client without one, or with another CA's, is refused in the handshake
+    with the alert an OpenSSL server sends (``certificate required``, ``unknown ca``), not a
+    bare close, and is never recorded.  Connections still open at shutdown are aborted.  A
+    key without its certificate (or the reverse), a client CA without both, or a file that
+    cannot be loaded is a ValueError naming the flag.
+
 At most 100 000 requests are remembered (oldest dropped).  The server is asyncio-based,
 aiohttp disables Nagle on every connection, and access logging is off, so the simulator is
 not the bottleneck of the worker's benchmarks.
@@ -70,6 +80,7 @@ not the bottleneck of the worker's benchmarks.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import collections
 import contextlib
 import hmac
@@ -79,6 +90,7 @@ import random
 import re
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -86,6 +98,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
@@ -98,6 +111,7 @@ __all__ = [
     "create_app",
     "parse_faults",
     "run_simulator",
+    "tls_context",
 ]
 
 MAX_RECORDED_REQUESTS: Final = 100_000
@@ -559,55 +573,193 @@ def create_app(*, api_key: str, latency_ms: float = 0) -> web.Application:
     return app
 
 
-async def _start(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
+def _readable(flag: str, path: Path) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from exc
+
+
+def tls_context(
+    tls_cert: Path | None, tls_key: Path | None, client_ca: Path | None = None
+) -> ssl.SSLContext | None:
+    """The server's TLS context, or None to serve plain HTTP; ValueError naming a bad flag."""
+    if tls_cert is None or tls_key is None:
+        if tls_cert is not None:
+            raise ValueError("--tls-cert needs --tls-key (the certificate's private key)")
+        if tls_key is not None:
+            raise ValueError("--tls-key needs --tls-cert (the certificate it belongs to)")
+        if client_ca is not None:
+            raise ValueError("--client-ca needs --tls-cert and --tls-key (mutual TLS is HTTPS)")
+        return None
+    _readable("--tls-cert", tls_cert)
+    _readable("--tls-key", tls_key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls_cert, tls_key)
+    except ssl.SSLError as exc:  # not PEM, or the key does not match the certificate
+        raise ValueError(f"--tls-cert/--tls-key: cannot load {tls_cert}: {exc}") from exc
+    if client_ca is not None:
+        _readable("--client-ca", client_ca)
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as exc:
+            raise ValueError(f"--client-ca: cannot load {client_ca}: {exc}") from exc
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _AlertingTls(asyncio.sslproto.SSLProtocol):
+    """asyncio's server side of TLS, except that a failed handshake tells the client why.
+
+    asyncio drops the fatal alert OpenSSL writes when a handshake fails (CPython gh-98078),
+    so a client without the certificate we require would only see the connection closed.
+    OpenSSL servers send it (``certificate required``, ``unknown ca``), and so do we.
+    """
+
+    def __init__(self, site: _TlsSite, server: web.Server, tls: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        super().__init__(loop, server(), tls, None, server_side=True)  # type: ignore[arg-type]
+        self._site = site
+        self._tcp: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._tcp = transport
+        self._site.transports.add(transport)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._tcp is not None:
+            self._site.transports.discard(self._tcp)
+        super().connection_lost(exc)
+
+    def _on_handshake_complete(self, handshake_exc: BaseException | None) -> None:
+        flush = getattr(self, "_process_outgoing", None)  # asyncio's own, since 3.11
+        if handshake_exc is not None and flush is not None:
+            flush()  # the alert, before the transport is closed
+        super()._on_handshake_complete(handshake_exc)
+
+
+class _TlsSite(web.BaseSite):
+    """An HTTPS site whose connections use :class:`_AlertingTls`."""
+
+    __slots__ = ("_host", "_port", "transports")
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, tls: ssl.SSLContext) -> None:
+        super().__init__(runner, ssl_context=tls)
+        self._host = host
+        self._port = port
+        #: Open TCP transports; the TLS goodbye of one still open at shutdown may never end.
+        self.transports: set[asyncio.BaseTransport] = set()
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server, tls = self._runner.server, self._ssl_context
+        if server is None or tls is None:
+            raise RuntimeError("the runner is not set up")
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _AlertingTls(self, server, tls), self._host, self._port, backlog=self._backlog
+        )
+
+    def abort_leftovers(self) -> None:
+        """Abort connections still open after the runner's cleanup (mid TLS shutdown)."""
+        for transport in list(self.transports):
+            if isinstance(transport, asyncio.Transport):
+                transport.abort()
+        self.transports.clear()
+
+
+async def _cleanup(runner: web.AppRunner) -> None:
+    """Stop the runner, then drop the connections it left behind."""
+    sites = list(runner.sites)
+    await runner.cleanup()
+    for site in sites:
+        if isinstance(site, _TlsSite):
+            site.abort_leftovers()
+    await asyncio.sleep(0)  # let the aborts close their sockets
+
+
+async def _start(
+    app: web.Application, host: str, port: int, tls: ssl.SSLContext | None = None
+) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site: web.BaseSite = (
+            web.TCPSite(runner, host, port) if tls is None else _TlsSite(runner, host, port, tls)
+        )
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
     bound = runner.addresses[0]
     bound_host = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-    return runner, f"http://{bound_host}:{bound[1]}"
+    scheme = "http" if tls is None else "https"
+    return runner, f"{scheme}://{bound_host}:{bound[1]}"
 
 
-async def _serve(host: str, port: int, api_key: str, latency_ms: float) -> None:
+async def _serve(app: web.Application, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    runner, url = await _start(create_app(api_key=api_key, latency_ms=latency_ms), host, port)
+    runner, url = await _start(app, host, port, tls)
     print(f"pabx simulator listening on {url}", file=sys.stderr, flush=True)
     try:
         await stop.wait()
     finally:
-        await runner.cleanup()
+        await _cleanup(runner)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
 
 
-def run_simulator(*, host: str, port: int, api_key: str, latency_ms: float = 0) -> None:
+def run_simulator(
+    *,
+    host: str,
+    port: int,
+    api_key: str,
+    latency_ms: float = 0,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    client_ca: Path | None = None,
+) -> None:
     """Serve the simulator until SIGINT/SIGTERM, then shut down cleanly.
 
-    Prints one line ``pabx simulator listening on http://HOST:PORT`` to stderr.  Raises
-    ValueError for an empty key or bad latency, OSError if the address cannot be bound.
+    Prints one line ``pabx simulator listening on http(s)://HOST:PORT`` to stderr.  Raises
+    ValueError for an empty key, bad latency or bad TLS files (see :func:`tls_context`),
+    OSError if the address cannot be bound.
     """
-    asyncio.run(_serve(host, port, api_key, latency_ms))
+    app = create_app(api_key=api_key, latency_ms=latency_ms)
+    tls = tls_context(tls_cert, tls_key, client_ca)
+    asyncio.run(_serve(app, host, port, tls))
 
 
 class SimulatorThread:
     """The simulator in a background thread with its own event loop.
 
     ``with SimulatorThread(api_key="k") as sim: requests.get(sim.url + "/_sim/health")``.
-    Binds ``host`` (default 127.0.0.1) on an ephemeral port unless ``port`` is given.
+    Binds ``host`` (default 127.0.0.1) on an ephemeral port unless ``port`` is given; serves
+    HTTPS with ``tls_cert``/``tls_key``, mutual TLS with ``client_ca`` too.
     """
 
     def __init__(
-        self, *, api_key: str, latency_ms: float = 0, host: str = "127.0.0.1", port: int = 0
+        self,
+        *,
+        api_key: str,
+        latency_ms: float = 0,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        client_ca: Path | None = None,
     ) -> None:
         self._app = create_app(api_key=api_key, latency_ms=latency_ms)
+        self._tls = tls_context(tls_cert, tls_key, client_ca)
         self._host = host
         self._port = port
         self._url: str | None = None
@@ -677,9 +829,9 @@ class SimulatorThread:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        runner, self._url = await _start(self._app, self._host, self._port)
+        runner, self._url = await _start(self._app, self._host, self._port, self._tls)
         self._ready.set()
         try:
             await self._stop.wait()
         finally:
-            await runner.cleanup()
+            await _cleanup(runner)
