@@ -75,7 +75,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from worker.errors import StoreError
+from worker.errors import ConfigurationError, StoreError
+from worker.logs import redact_text
 from worker.store import redact_url
 from worker.store.base import CallRef, Claim, ClaimState, Send, SendState
 
@@ -326,13 +327,20 @@ class PostgresStore:
     @classmethod
     def from_url(cls, url: str, *, table: str = "pabx_commands") -> PostgresStore:
         """A store on ``postgresql://user[:password]@host[:port]/dbname`` (no I/O yet)."""
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:  # a malformed URL; its message may quote the password
+            message = f"PABX_WORKER_STORE_URL: PostgreSQL store {_label(url)}: {str(exc).strip()}"
+            for secret in _secrets(url):
+                message = message.replace(secret, "***")
+            raise ConfigurationError(message) from None
         return cls(url, table=table)
 
     # -- connection handling --------------------------------------------------------
 
     def _error(self, message: str) -> StoreError:
-        for secret in self._secrets:
-            message = message.replace(secret, "***")
+        message = redact_text(message)  # never substrings: a short password must not garble it
+        message = " ".join("***" if word in self._secrets else word for word in message.split(" "))
         return StoreError(f"PostgreSQL store {self._label}: {message}")
 
     def _connect(self) -> Connection:

@@ -64,7 +64,8 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from worker.errors import StoreError
+from worker.errors import ConfigurationError, StoreError
+from worker.logs import redact_text
 from worker.store import redact_url
 from worker.store.base import RETENTION_S, CallRef, Claim, ClaimState, Send, SendState
 
@@ -327,7 +328,10 @@ class RedisStore:
                 socket_timeout=5.0,
                 retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
             )
-        except (redis.RedisError, ValueError) as exc:
+        except ValueError as exc:  # a malformed URL: no connection is tried yet
+            message = _scrub(f"PABX_WORKER_STORE_URL: Redis store {label}: {exc}", secrets)
+            raise ConfigurationError(message) from None
+        except redis.RedisError as exc:
             raise StoreError(_scrub(f"Redis store {label}: {exc}", secrets)) from exc
         return cls(client, prefix=prefix, retention_s=retention_s, label=label, secrets=secrets)
 
@@ -486,6 +490,9 @@ def _claim_from(reply: Any, token: str) -> Claim:
 
 
 def _scrub(message: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        message = message.replace(secret, "***")
-    return message
+    """``message`` with URL passwords masked, and any whole word equal to the password.
+
+    Never a substring of other words: a short password must not garble the message.
+    """
+    message = redact_text(message)
+    return " ".join("***" if word in secrets else word for word in message.split(" "))
