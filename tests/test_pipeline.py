@@ -538,3 +538,21 @@ def test_store_down_at_the_claim_raises_and_opens_the_store_circuit(clock: Clock
     with pytest.raises(StoreError):
         run(processor, delivery())
     assert processor.store_breaker.state is not CircuitState.CLOSED
+
+
+@pytest.mark.parametrize("user_id", [None, "intruder"])
+def test_producer_not_listed_for_the_target_is_rejected_and_nothing_sent(
+    clock: Clock, user_id: str | None
+) -> None:
+    guarded = TARGET.model_copy(update={"allowed_producers": ("crm", "esb")})
+    pabx = FakePabx()
+    processor = make(pabx, clock, targets={"default": guarded})
+    refused = run(processor, delivery(user_id=user_id))
+    assert refused.status is Status.REJECTED and refused.park and pabx.requests == []
+    assert refused.error is not None and refused.error.code == "producer_not_allowed"
+    allowed = run(processor, delivery(user_id="crm"))  # the id was not used up by the refusal
+    assert allowed.status is Status.ACCEPTED and len(pabx.requests) == 1
+
+
+def test_targets_without_a_producer_list_accept_anyone(clock: Clock) -> None:
+    assert run(make(FakePabx(), clock), delivery(user_id="anyone")).status is Status.ACCEPTED

@@ -53,6 +53,8 @@ class Delivery:
     message_id: str | None = None
     correlation_id: str | None = None
     reply_to: str | None = None
+    #: The publisher's AMQP user, as RabbitMQ validated it (``user_id`` property).
+    user_id: str | None = None
     timestamp: datetime | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
     redelivered: bool = False

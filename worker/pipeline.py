@@ -149,7 +149,9 @@ class Prepared:
     command: RedirectCommand | None = None
     fingerprint: str = ""
     target_name: str = "default"
+    #: Why the command cannot be carried out as sent, and the outcome's error code.
     invalid: str | None = None
+    invalid_code: str = "invalid_command"
     #: The lease token this delivery claims with: a claim repeated after a store outage
     #: (its first answer lost) finds its own lease instead of a busy one.
     claim_token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -211,6 +213,17 @@ class Processor:
             return Prepared(
                 delivery, raw_event_id(delivery.body, readable), readable, invalid=str(exc)
             )
+        refusal = self._producer_refusal(command, delivery.user_id)
+        if refusal is not None:  # not recorded: the id stays free for an allowed producer
+            return Prepared(
+                delivery,
+                raw_event_id(delivery.body, command_id),
+                command_id,
+                command,
+                target_name=command.pabx,
+                invalid=refusal,
+                invalid_code="producer_not_allowed",
+            )
         body_fp = fingerprint(command)
         return Prepared(
             delivery,
@@ -220,6 +233,14 @@ class Processor:
             body_fp,
             command.pabx,
         )
+
+    def _producer_refusal(self, command: RedirectCommand, user_id: str | None) -> str | None:
+        """Why this producer may not command the target (SPEC §9), or None if it may."""
+        allowed = self._targets[command.pabx].allowed_producers
+        if allowed is None or (user_id is not None and user_id in allowed):
+            return None
+        who = f"user_id {user_id!r}" if user_id else "a message without user_id"
+        return f"pabx {command.pabx!r} does not accept commands from {who}"
 
     def _check_resolvable(self, command: RedirectCommand) -> None:
         if command.pabx not in self._targets:
@@ -337,7 +358,7 @@ class Processor:
         if poisoned:
             return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
         return self._finish(
-            prepared, Status.REJECTED, "invalid_command", prepared.invalid or "invalid"
+            prepared, Status.REJECTED, prepared.invalid_code, prepared.invalid or "invalid"
         )
 
     @staticmethod
