@@ -22,7 +22,6 @@ from tests.integration.test_cli import CLI, env_for
 from tests.integration.test_worker import command, sim_requests
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
-from worker.topology import Topology
 
 pytestmark = pytest.mark.integration
 
@@ -78,7 +77,7 @@ def vhost(amqp_url: str) -> Iterator[Vhost]:
 
 
 @pytest.fixture
-def guarded(vhost: Vhost, sim: SimulatorThread) -> Settings:
+def settings(vhost: Vhost, sim: SimulatorThread) -> Settings:
     """Settings of a worker whose default target accepts commands from ``crm`` only."""
     table = {"url": sim.url, "api_key": API_KEY, "channel_id": CHANNEL}
     # private_settings names the topology t<hex>.*; the producers may write to *.commands.
@@ -87,23 +86,6 @@ def guarded(vhost: Vhost, sim: SimulatorThread) -> Settings:
         sim.url,
         pabx={"default": {**table, "allowed_producers": [vhost.crm]}},
     )
-
-
-@pytest.fixture
-def peer(guarded: Settings) -> Iterator[Peer]:
-    connection = pika.BlockingConnection(pika.URLParameters(guarded.amqp_url))
-    channel = connection.channel()
-    topology = Topology.from_settings(guarded)
-    for ex in topology.exchanges:
-        channel.exchange_declare(ex.name, ex.type, durable=True, arguments=ex.arguments)
-    for q in topology.queues:
-        channel.queue_declare(q.name, durable=True, arguments=q.arguments)
-    for b in topology.bindings:
-        channel.queue_bind(b.queue, b.exchange, b.routing_key)
-    results = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(results, guarded.results_exchange, "#")
-    yield Peer(guarded, connection, channel, results)
-    connection.close()
 
 
 def publish_as(
@@ -125,16 +107,16 @@ def publish_as(
 
 
 def test_only_listed_producers_command_the_target_and_user_id_cannot_be_forged(
-    vhost: Vhost, guarded: Settings, peer: Peer, sim: SimulatorThread
+    vhost: Vhost, settings: Settings, peer: Peer, sim: SimulatorThread
 ) -> None:
-    running = RunningWorker(guarded)
+    running = RunningWorker(settings)
     try:
         allowed, anonymous, refused = command(), command(), command()
-        publish_as(vhost, vhost.crm, guarded, allowed, user_id=vhost.crm)
-        publish_as(vhost, vhost.crm, guarded, anonymous)  # no user_id at all
-        publish_as(vhost, vhost.rogue, guarded, refused, user_id=vhost.rogue)
+        publish_as(vhost, vhost.crm, settings, allowed, user_id=vhost.crm)
+        publish_as(vhost, vhost.crm, settings, anonymous)  # no user_id at all
+        publish_as(vhost, vhost.rogue, settings, refused, user_id=vhost.rogue)
         with pytest.raises(pika.exceptions.ChannelClosedByBroker) as forged:
-            publish_as(vhost, vhost.rogue, guarded, command(), user_id=vhost.crm)
+            publish_as(vhost, vhost.rogue, settings, command(), user_id=vhost.crm)
         events = {e["data"]["command_id"]: e["data"] for _, e in peer.events(3)}
     finally:
         running.stop()
@@ -147,7 +129,7 @@ def test_only_listed_producers_command_the_target_and_user_id_cannot_be_forged(
     assert [r["body"]["ID_CHAMADA"] for r in sim_requests(sim)] == [
         allowed["redirect"]["ID_CHAMADA"]
     ]
-    assert peer.queue_length(guarded.parked_queue) == 2
+    assert peer.queue_length(settings.parked_queue) == 2
 
 
 def cli_as(vhost: Vhost, user: str, settings: Settings, *args: str, stdin: str = "") -> Any:
@@ -158,24 +140,24 @@ def cli_as(vhost: Vhost, user: str, settings: Settings, *args: str, stdin: str =
 
 
 def test_producer_commands_work_with_write_only_permissions_and_no_declare(
-    vhost: Vhost, guarded: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+    vhost: Vhost, settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
 ) -> None:
-    running = RunningWorker(guarded)
+    running = RunningWorker(settings)
     try:
         one = command()
-        sent = cli_as(vhost, vhost.crm, guarded, "send", "--no-declare", stdin=json.dumps(one))
+        sent = cli_as(vhost, vhost.crm, settings, "send", "--no-declare", stdin=json.dumps(one))
         assert sent.returncode == 0, sent.stderr
         waited = cli_as(
-            vhost, vhost.crm, guarded, "send", "--no-declare", "--wait", "20",
+            vhost, vhost.crm, settings, "send", "--no-declare", "--wait", "20",
             stdin=json.dumps(command()),
         )  # fmt: skip
         batch = tmp_path / "batch.jsonl"
         batch.write_text("\n".join(json.dumps(command()) for _ in range(3)) + "\n")
-        batched = cli_as(vhost, vhost.crm, guarded, "batch", "--no-declare", str(batch))
+        batched = cli_as(vhost, vhost.crm, settings, "batch", "--no-declare", str(batch))
         assert batched.returncode == 0, batched.stderr
         events = peer.events(5, timeout=30)
-        listed = cli_as(vhost, vhost.operator, guarded, "parked", "list", "--no-declare", "--json")
-        declaring = cli_as(vhost, vhost.crm, guarded, "send", stdin=json.dumps(command()))
+        listed = cli_as(vhost, vhost.operator, settings, "parked", "list", "--no-declare", "--json")
+        declaring = cli_as(vhost, vhost.crm, settings, "send", stdin=json.dumps(command()))
     finally:
         running.stop()
     # No user_id on these commands: the target lists producers, so they are refused, parked.
@@ -188,9 +170,9 @@ def test_producer_commands_work_with_write_only_permissions_and_no_declare(
 
 
 def test_no_declare_names_what_an_operator_must_declare_first(
-    vhost: Vhost, guarded: Settings
+    vhost: Vhost, settings: Settings
 ) -> None:
-    done = cli_as(vhost, vhost.crm, guarded, "send", "--no-declare", stdin=json.dumps(command()))
+    done = cli_as(vhost, vhost.crm, settings, "send", "--no-declare", stdin=json.dumps(command()))
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert guarded.commands_exchange in done.stderr and "topology declare" in done.stderr
+    assert settings.commands_exchange in done.stderr and "topology declare" in done.stderr
