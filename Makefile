@@ -3,7 +3,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck bench chaos clean
+.PHONY: install demo test lint typecheck bench chaos campaign clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ chaos: $(STAMP)
 	PABX_CHAOS_FULL=1 $(BIN)/pytest tests/chaos -m chaos -s
 	PABX_CHAOS_FULL=1 PABX_CHAOS_BROKER_RESTART=1 \
 		$(BIN)/pytest tests/chaos/test_broker.py -k restart -s
+
+# Ten minutes of load and random faults on three workers, a fresh seed each time (printed).
+campaign: $(STAMP)
+	$(BIN)/python -m tests.campaign --minutes 10
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info pabx-worker.sqlite3*

@@ -161,11 +161,28 @@ def test_attempt_budget_exhausted_fails_the_command(clock: Clock) -> None:
     assert event(decision).data.attempts == 3 == len(pabx.requests)
 
 
-def test_retry_that_would_land_past_the_deadline_expires(clock: Clock) -> None:
+def test_retry_near_the_deadline_comes_back_and_expires_only_after_it(clock: Clock) -> None:
     expires = datetime.fromtimestamp(NOW + 0.5, UTC).isoformat()
     pabx = FakePabx([503] * 3)
-    decision = run(make(pabx, clock), delivery(command(expires_at=expires)))
-    assert decision.status is Status.EXPIRED and not decision.park
+    processor = make(pabx, clock)
+    decision = run(processor, delivery(command(expires_at=expires)))
+    assert decision.action is Action.RETRY and decision.status is None
+    clock.now += decision.delay_s  # back from the retry queue, past the deadline
+    again = run(processor, delivery(command(expires_at=expires), headers={"x-pabx-retries": 1}))
+    assert again.status is Status.EXPIRED and not again.park and len(pabx.requests) == 3
+
+
+def test_deadline_passing_during_a_store_wait_means_no_request(clock: Clock) -> None:
+    class SlowStore(MemoryStore):
+        def mark_sent(self, *args: Any, **kwargs: Any) -> Send:
+            sent = super().mark_sent(*args, **kwargs)
+            clock.now += 60  # the store answered a minute late
+            return sent
+
+    pabx = FakePabx()
+    expires = datetime.fromtimestamp(NOW + 30, UTC).isoformat()
+    decision = run(make(pabx, clock, SlowStore(clock=clock)), delivery(command(expires_at=expires)))
+    assert decision.status is Status.EXPIRED and pabx.requests == []
 
 
 def test_past_deadline_is_expired_without_calling_the_pabx(clock: Clock) -> None:

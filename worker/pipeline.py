@@ -526,10 +526,8 @@ class Processor:
                 attempts,
                 error.status_code,
             )
-        retries = header_count(prepared.delivery.headers, RETRIES_HEADER)
-        steps = self._policy.retry_delays_s
-        delay = steps[min(retries, len(steps) - 1)]
-        if self._clock() + delay >= deadline:
+        now = self._clock()
+        if now >= deadline:  # expired only once the deadline has really passed
             return self._record(
                 prepared,
                 token,
@@ -539,6 +537,11 @@ class Processor:
                 attempts,
                 error.status_code,
             )
+        retries = header_count(prepared.delivery.headers, RETRIES_HEADER)
+        steps = self._policy.retry_delays_s
+        delay = steps[min(retries, len(steps) - 1)]
+        if delay > deadline - now:  # come back by the deadline, not a whole step past it
+            delay = max((step for step in steps if step <= deadline - now), default=steps[0])
         self._durably(lambda: self._store.release(command_id, token, now=self._clock()))
         log.info(
             "pabx transient failure, retrying through the broker",
@@ -650,6 +653,8 @@ class _Attempt:
         with self._probe_returned_unless_sent():
             self._wait_for_slot()
             self._mark_sent()
+            if p._clock() >= self.deadline:  # a store step may have waited out the deadline
+                raise _PastDeadline("the deadline passed before the request could go out")
         return p._call_pabx(self.target_name, self.channel_id, self.body)
 
     @contextmanager
@@ -664,7 +669,9 @@ class _Attempt:
         """The fleet-wide rate limit: before the command is marked sent (SPEC §5)."""
         p = self.p
         wait = p._durably(lambda: p._pace.reserve(self.target_name))
-        if p._clock() + wait >= self.deadline:
+        left = self.deadline - p._clock()
+        if wait >= left:  # no slot in time: it expires at its deadline, not before
+            p._pace.wait(left)
             raise _PastDeadline(
                 f"the rate limit of PABX {self.target_name!r} has no slot before the deadline"
             )

@@ -117,6 +117,9 @@ __all__ = [
 MAX_RECORDED_REQUESTS: Final = 100_000
 SHUTDOWN_TIMEOUT_S: Final = 2.0
 _HANG_POLL_S: Final = 0.05
+#: Latencies at least this long watch for the client going away (every _LATENCY_POLL_S).
+_WATCHED_LATENCY_S: Final = 0.1
+_LATENCY_POLL_S: Final = 0.01
 
 REQUIRED_FIELDS: Final = (
     "DISPOSITIVO",
@@ -371,7 +374,9 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def _wait_connected(state: _State, request: web.Request, seconds: float) -> bool:
+async def _wait_connected(
+    state: _State, request: web.Request, seconds: float, *, poll_s: float = _HANG_POLL_S
+) -> bool:
     """Wait ``seconds``; False as soon as the client goes away or the server shuts down."""
     stopping = state.stopping
     assert stopping is not None
@@ -382,7 +387,7 @@ async def _wait_connected(state: _State, request: web.Request, seconds: float) -
         if left <= 0:
             return True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), min(left, _HANG_POLL_S))
+            await asyncio.wait_for(stopping.wait(), min(left, poll_s))
     return False
 
 
@@ -428,7 +433,8 @@ async def _trickle(
         assert writer is not None
         record["status"] = 200
         for index in range(faults.trickle_bytes):
-            if not await _wait_connected(state, request, faults.trickle_ms / 1000):
+            pause = faults.trickle_ms / 1000
+            if not await _wait_connected(state, request, pause, poll_s=_LATENCY_POLL_S):
                 _abort(request)  # the body cannot be completed
                 break
             await response.write(_trickle_byte(index))
@@ -477,9 +483,15 @@ async def _answer(state: _State, request: web.Request, record: Record) -> web.St
 
     faults = state.faults
     delay = _latency_s(faults)
-    if delay > 0:
-        await asyncio.sleep(delay)
+    if delay >= _WATCHED_LATENCY_S:
+        # A client that gives up meanwhile ends the request now, so ``ended`` says when
+        # the request stopped being in flight, not when the sleep would have ended.
+        if not await _wait_connected(state, request, delay, poll_s=_LATENCY_POLL_S):
+            return _error(503, "client went away")
         faults = state.faults  # may have been replaced meanwhile
+    elif delay > 0:
+        await asyncio.sleep(delay)
+        faults = state.faults
     if faults.hang:
         await _hang(state, request)  # never answered: the recorded status stays None
         return _error(503, "simulator stopping")

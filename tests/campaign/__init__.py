@@ -1,0 +1,1 @@
+"""Long-running fault campaign: runner (runner.py), recorded history (history.py), checker."""

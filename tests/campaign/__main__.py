@@ -1,0 +1,39 @@
+"""Run a campaign.
+
+``python -m tests.campaign --minutes M --seed S [--store redis|postgres|sqlite] [--history PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+from tests.campaign.runner import Options, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.campaign", description=__doc__)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
+    parser.add_argument("--store", choices=("redis", "postgres", "sqlite"), default="redis")
+    parser.add_argument("--history", type=Path, default=None)
+    parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
+    parser.add_argument("--drain", type=float, default=120.0, help="longest wait at the end (s)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
+    print(f"seed {seed}", flush=True)
+    options = Options(
+        minutes=args.minutes,
+        seed=seed,
+        store=args.store,
+        history=args.history,
+        rate=args.rate,
+        drain_s=args.drain,
+    )
+    return run(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""The campaign: three worker processes under load and a nemesis, written down as a history.
+
+One run starts a private store (a ``redis-server`` of its own, a PostgreSQL database of its
+own, or a SQLite file), two simulator targets ``a`` (rate limit 20/s) and ``b`` (unlimited),
+each behind a :class:`TcpProxy`, the broker behind another, and three ``pabx-worker run``
+processes. It publishes a mix of commands for ~100 live calls for ``minutes`` while the
+nemesis breaks things, then mends everything, lets the fleet drain, and writes every
+publication, PABX request, outcome event and fault as one JSON line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+
+from tests.campaign.nemesis import Nemesis
+from tests.chaos.harness import ROOT, VENDOR_BODY, Rig, TcpProxy, WorkerProcess, wait_until
+from tests.integration.conftest import API_KEY, CHANNEL
+from worker.simulator import SimulatorThread
+
+__all__ = ["Options", "run"]
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+WORKERS = 3
+CONCURRENCY = 8
+COMMAND_TTL_S = 30.0
+RATE_LIMITS: dict[str, float | None] = {"a": 20.0, "b": None}
+#: Share of new commands sent to target ``a`` (rate limited to 20/s).
+SHARE_A = 0.3
+#: Simulator settings between faults: a little latency, as a real PABX has.
+BASELINE_FAULTS = {"latency_ms": 2, "latency_max_ms": 25}
+LIVE_CALLS = 100
+
+
+@dataclass(frozen=True)
+class Options:
+    minutes: float
+    seed: int
+    store: str = "redis"
+    history: Path | None = None
+    rate: float = 50.0
+    drain_s: float = 120.0
+
+    @property
+    def history_path(self) -> Path:
+        return self.history or ROOT / "bench" / "results" / f"campaign-{self.seed}.jsonl"
+
+
+def log(message: str) -> None:
+    print(f"[campaign {datetime.now(UTC):%H:%M:%S}] {message}", flush=True)
+
+
+# -- stores -------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Store:
+    """The run's private store; only a private ``redis-server`` can be paused."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._database: str | None = None
+        if kind == "redis":
+            self.url = self._start_redis(workdir)
+        elif kind == "sqlite":
+            self.url = f"sqlite:///{workdir / 'store.sqlite3'}"
+        elif kind == "postgres":
+            self.url = self._create_database()
+        else:
+            raise ValueError(f"unknown store {kind!r}")
+
+    def _start_redis(self, workdir: Path) -> str:
+        port = _free_port()
+        self.proc = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
+                *("--appendonly", "no", "--dir", str(workdir)),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        if not wait_until(lambda: _pong(port), 10):
+            raise RuntimeError("private redis-server did not answer")
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _create_database(self) -> str:
+        """A database of the run's own on the machine's server (the store's tables in it)."""
+        import psycopg
+
+        self._database = f"campaign_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {self._database}")
+        return urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{self._database}"))
+
+    @property
+    def pausable(self) -> bool:
+        return self.proc is not None
+
+    def pause(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.resume()
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self._database is not None:
+            import psycopg
+
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(f"DROP DATABASE IF EXISTS {self._database} WITH (FORCE)")
+
+
+# -- the load -----------------------------------------------------------------------------
+
+
+@dataclass
+class Call:
+    ident: str
+    pabx: str
+    left: int
+    last_order: float = 0.0
+
+
+class Load:
+    """Commands for a pool of live calls, re-sent copies, invalid and short-lived ones."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(f"load-{seed}")
+        self._run = f"{seed}-{uuid.uuid4().hex[:6]}"
+        self._made = 0
+        self._calls_made = 0
+        self._destination = 7_000_000
+        self._calls = [self._new_call() for _ in range(LIVE_CALLS)]
+        #: (raw body, publish record) of every first publication, for re-sent copies.
+        self._sent: list[tuple[bytes, dict[str, Any]]] = []
+        self._copies: Counter[str] = Counter()
+
+    def _new_call(self) -> Call:
+        self._calls_made += 1
+        pabx = "a" if self._rng.random() < SHARE_A else "b"
+        return Call(f"call-{self._run}-{self._calls_made:05d}", pabx, self._rng.randint(2, 8))
+
+    def next(self) -> tuple[bytes, dict[str, Any]]:
+        """The next publication: raw body and its ``publish`` record (``t`` set on confirm)."""
+        roll = self._rng.random()
+        if roll < 0.06 and self._sent:
+            raw, first = self._rng.choice(self._sent[-2000:])
+            self._copies[first["command_id"]] += 1
+            copy = self._copies[first["command_id"]]
+            return raw, {**first, "key": f"{first['command_id']}#{copy}", "copy": copy}
+        raw, record = self._fresh(invalid=roll < 0.09, short=0.09 <= roll < 0.15)
+        self._sent.append((raw, record))
+        return raw, record
+
+    def _fresh(self, *, invalid: bool, short: bool) -> tuple[bytes, dict[str, Any]]:
+        index = self._rng.randrange(len(self._calls))
+        call = self._calls[index]
+        call.left -= 1
+        if call.left <= 0:
+            self._calls[index] = self._new_call()
+        self._made += 1
+        self._destination += 1
+        command_id = f"cmd-{self._run}-{self._made:06d}"
+        order = max(time.time(), call.last_order + 0.001)
+        call.last_order = order
+        deadline = order + COMMAND_TTL_S
+        body: dict[str, Any] = {
+            "command_id": command_id,
+            "type": "redirect",
+            "version": 1,
+            "issued_at": _iso(order),
+            "pabx": call.pabx,
+            "redirect": {
+                **VENDOR_BODY,
+                "ID_CHAMADA": call.ident,
+                "DADOS": command_id,
+                "DISPOSITIVO_DESTINO": str(self._destination),
+                "PRIORIDADE": "25" if invalid else str(self._rng.randint(0, 19)),
+            },
+        }
+        if short:
+            deadline = order + self._rng.uniform(1.0, 4.0)
+            body["expires_at"] = _iso(deadline)
+        record = {
+            "kind": "publish",
+            "key": f"{command_id}#0",
+            "command_id": command_id,
+            "call": f"{call.pabx}:{call.ident}",
+            "pabx": call.pabx,
+            "order": order,
+            "deadline": deadline,
+            "valid": not invalid,
+            "copy": 0,
+            "destination": str(self._destination),
+        }
+        return json.dumps(body).encode(), record
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds")
+
+
+# -- the world the nemesis breaks ---------------------------------------------------------
+
+
+class Fleet:
+    """Simulators, proxies, store and worker processes of one run (the nemesis's World)."""
+
+    targets: tuple[str, ...] = ("a", "b")
+    workers = WORKERS
+
+    def __init__(self, options: Options, workdir: Path) -> None:
+        self._closers: list[Any] = []
+        self.store = Store(options.store, workdir)
+        self._closers.append(self.store.close)
+        self.store_pausable = self.store.pausable
+        self.broker = TcpProxy.for_url(AMQP_URL, 5672)
+        self._closers.append(self.broker.close)
+        self.rig = Rig(
+            AMQP_URL,
+            api_key=API_KEY,
+            pabx_url=None,
+            pabx_api_key=None,
+            store_url=self.store.url,
+            concurrency=CONCURRENCY,
+            lease_s=6.0,
+            command_ttl_s=COMMAND_TTL_S,
+            pabx_connect_timeout_s=0.5,
+            pabx_read_timeout_s=1.5,
+            retry_delays_s=(0.2, 0.5, 1.0),
+        )
+        self._closers.append(self.rig.close)
+        sim_b = SimulatorThread(api_key=API_KEY).start()
+        self._closers.append(sim_b.stop)
+        self.sims = {"a": self.rig.sim, "b": sim_b}
+        self.proxies = {name: TcpProxy.for_url(sim.url, 80) for name, sim in self.sims.items()}
+        self._closers.extend(proxy.close for proxy in self.proxies.values())
+        for name in self.targets:
+            self.clear_faults(name)
+        self._env = {
+            "PABX_WORKER_AMQP_URL": self.broker.url(AMQP_URL),
+            "PABX_WORKER_PABX": json.dumps(
+                {
+                    name: {
+                        "url": f"http://127.0.0.1:{self.proxies[name].port}",
+                        "api_key": API_KEY,
+                        "channel_id": CHANNEL,
+                        **({"rate_limit": RATE_LIMITS[name]} if RATE_LIMITS[name] else {}),
+                    }
+                    for name in self.targets
+                }
+            ),
+        }
+        self.all_workers: list[WorkerProcess] = []
+        self.fleet: list[WorkerProcess | None] = [None] * WORKERS
+        self._lock = threading.Lock()
+
+    # -- workers ------------------------------------------------------------------------
+
+    def start_worker(self, index: int) -> None:
+        worker = WorkerProcess(self.rig.settings, **self._env)
+        with self._lock:
+            self.all_workers.append(worker)
+            self.fleet[index] = worker
+        worker.wait_ready(60)
+
+    def kill_worker(self, index: int) -> int:
+        worker = self.fleet[index]
+        if worker is None or worker.proc.poll() is not None:
+            return -1
+        worker.kill()
+        return worker.proc.pid
+
+    def terminate_worker(self, index: int) -> int | None:
+        worker = self.fleet[index]
+        if worker is None or worker.proc.poll() is not None:
+            return None
+        code, _ = worker.terminate(self.rig.settings.shutdown_timeout_s + 5)
+        if code is None:
+            worker.close()
+        return code
+
+    def ensure_workers(self) -> None:
+        for index, worker in enumerate(self.fleet):
+            if worker is None or worker.proc.poll() is not None:
+                log(f"worker {index} was down at the end: restarting it")
+                self.start_worker(index)
+
+    # -- broker, PABX, store ------------------------------------------------------------
+
+    def broker_cut(self) -> int:
+        return self.broker.cut()
+
+    def set_faults(self, target: str, **faults: Any) -> None:
+        url = f"{self.sims[target].url}/_sim/faults"
+        requests.put(url, json=faults, timeout=5).raise_for_status()
+
+    def clear_faults(self, target: str) -> None:
+        self.set_faults(target, **BASELINE_FAULTS)
+
+    def target_down(self, target: str) -> None:
+        self.proxies[target].refuse()
+
+    def target_up(self, target: str) -> None:
+        self.proxies[target].restore()
+
+    def store_pause(self) -> None:
+        self.store.pause()
+
+    def store_resume(self) -> None:
+        self.store.resume()
+
+    def mend(self) -> None:
+        """Undo every fault that may still hold, and bring the fleet back to three workers."""
+        self.store.resume()
+        self.broker.restore()
+        for name in self.targets:
+            self.proxies[name].restore()
+            self.clear_faults(name)
+        self.ensure_workers()
+
+    def requests(self) -> list[dict[str, Any]]:
+        found = []
+        for name, sim in self.sims.items():
+            reply = requests.get(f"{sim.url}/_sim/requests", timeout=30)
+            reply.raise_for_status()
+            for record in reply.json()["requests"]:
+                body = record.get("body")
+                body = body if isinstance(body, dict) else {}
+                found.append(
+                    {
+                        "kind": "request",
+                        "t": record["arrived"],
+                        "ended": record.get("ended"),
+                        "target": name,
+                        "command_id": body.get("DADOS"),
+                        "call": f"{name}:{body.get('ID_CHAMADA')}",
+                        "status": record.get("status"),
+                        "destination": body.get("DISPOSITIVO_DESTINO"),
+                    }
+                )
+        return found
+
+    def close(self, logs: Path) -> None:
+        with contextlib.suppress(Exception):
+            self.store.resume()
+        for worker in self.all_workers:
+            with contextlib.suppress(Exception):
+                if worker.proc.poll() is None:
+                    worker.terminate(15)
+            worker.close()
+        with contextlib.suppress(OSError), logs.open("w", encoding="utf-8") as out:
+            for n, worker in enumerate(self.all_workers):
+                out.write(f"==== worker process {n} (pid {worker.proc.pid}) ====\n{worker.log}")
+        for closer in reversed(self._closers):
+            try:
+                closer()
+            except Exception as exc:
+                log(f"tear-down step failed: {exc!r}")
+
+
+# -- publishing and reading outcomes ------------------------------------------------------
+
+
+class Wire:
+    """The producer and outcome reader: one pika connection straight to the broker."""
+
+    def __init__(self, rig: Rig, history: list[dict[str, Any]]) -> None:
+        self._rig = rig
+        self._history = history
+        self.keys: set[str] = set()
+        self.answered: set[str] = set()
+        self._peer = rig.peer
+        self._peer.channel.basic_consume(rig.results_queue, self._on_outcome, auto_ack=True)
+
+    def publish(self, raw: bytes, record: dict[str, Any]) -> None:
+        self._peer.publish(raw, correlation_id=record["key"], message_id=record["command_id"])
+        self.keys.add(record["key"])
+        self._history.append({**record, "t": time.time()})
+
+    def _on_outcome(self, channel: Any, method: Any, props: Any, body: bytes) -> None:
+        event = json.loads(body)
+        data = event.get("data") or {}
+        error = data.get("error") or {}
+        key = props.correlation_id if props.correlation_id in self.keys else None
+        if key is not None:
+            self.answered.add(key)
+        self._history.append(
+            {
+                "kind": "outcome",
+                "t": time.time(),
+                "command_id": data.get("command_id"),
+                "key": key,
+                "event_id": event.get("id"),
+                "status": data.get("status"),
+                "error_code": error.get("code"),
+                "error_message": error.get("message"),
+                "attempts": data.get("attempts"),
+                "duplicate": data.get("duplicate"),
+            }
+        )
+
+    def pump(self, seconds: float) -> None:
+        self._peer.connection.process_data_events(time_limit=max(seconds, 0))
+
+    @property
+    def missing(self) -> int:
+        return len(self.keys - self.answered)
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def _load(wire: Wire, load: Load, options: Options) -> float:
+    """Publish at ``options.rate`` for ``options.minutes``; returns the real rate."""
+    start = time.monotonic()
+    end = start + options.minutes * 60
+    interval = 1.0 / options.rate
+    next_at = start
+    published = 0
+    last_report = start
+    while (now := time.monotonic()) < end:
+        if now >= next_at:
+            wire.publish(*load.next())
+            published += 1
+            next_at += interval
+            if next_at < now - 1.0:  # fell behind by a second: do not burst to catch up
+                next_at = now
+        else:
+            wire.pump(min(next_at - now, 0.05))
+        if now - last_report >= 15:
+            last_report = now
+            log(
+                f"{published} published ({published / (now - start):.1f}/s),"
+                f" {wire.missing} awaiting an outcome"
+            )
+    return published / (time.monotonic() - start)
+
+
+def _drain(wire: Wire, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while wire.missing and time.monotonic() < deadline:
+        wire.pump(0.2)
+    wire.pump(1.0)  # stragglers: re-published events, copies
+    return wire.missing == 0
+
+
+def _config(options: Options, started: float) -> dict[str, Any]:
+    return {
+        "kind": "config",
+        "t": started,
+        "seed": options.seed,
+        "workers": WORKERS,
+        "concurrency": CONCURRENCY,
+        "retry_ambiguous": False,
+        "command_ttl_s": COMMAND_TTL_S,
+        "targets": {name: {"rate_limit": rate} for name, rate in RATE_LIMITS.items()},
+        "store": options.store,
+        "rate": options.rate,
+        "minutes": options.minutes,
+    }
+
+
+def write_history(path: Path, config: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps(config) + "\n")
+        for entry in sorted(entries, key=lambda e: e["t"]):
+            out.write(json.dumps(entry) + "\n")
+
+
+def run(options: Options) -> int:
+    """Run one campaign; 0 when the checker finds nothing (or is not there yet), else 1."""
+    log(f"seed {options.seed}, {options.minutes} min at {options.rate}/s, store {options.store}")
+    history: list[dict[str, Any]] = []
+    workdir = Path(tempfile.mkdtemp(prefix=f"campaign-{options.seed}-"))
+    started = time.time()
+    config = _config(options, started)
+    path = options.history_path
+    fleet: Fleet | None = None
+    try:
+        fleet = Fleet(options, workdir)
+        for index in range(WORKERS):
+            fleet.start_worker(index)
+        log(f"{WORKERS} workers consuming; store {options.store}; load starts")
+        wire = Wire(fleet.rig, history)
+        nemesis = Nemesis(fleet, options.seed, history.append, log)
+        nemesis.start()
+        try:
+            rate = _load(wire, Load(options.seed), options)
+        finally:
+            log("stopping the nemesis")
+            nemesis.stop()
+        config["real_rate"] = round(rate, 2)
+        fleet.mend()
+        log(f"load over at {rate:.1f}/s; draining ({wire.missing} publications awaiting)")
+        drained = _drain(wire, options.drain_s)
+        config["drained"] = drained
+        log("drained" if drained else f"NOT drained: {wire.missing} publications lack an outcome")
+        history.extend(fleet.requests())
+    finally:
+        if fleet is not None:
+            fleet.close(path.with_suffix(".workers.log"))
+        shutil.rmtree(workdir, ignore_errors=True)
+    write_history(path, config, history)
+    _summary(history, config, path)
+    return _check(path)
+
+
+def _summary(history: list[dict[str, Any]], config: dict[str, Any], path: Path) -> None:
+    kinds = Counter(entry["kind"] for entry in history)
+    faults = Counter(entry["fault"] for entry in history if entry["kind"] == "fault")
+    statuses = Counter(
+        (e["status"], e["error_code"])
+        for e in history
+        if e["kind"] == "outcome" and not e["duplicate"]
+    )
+    log(f"history: {path}")
+    log(f"counts: {dict(kinds)}; real rate {config.get('real_rate')}/s")
+    log(f"faults: {dict(faults)}")
+    log(f"first outcomes: {dict(statuses)}")
+
+
+def _check(path: Path) -> int:
+    if importlib.util.find_spec("tests.campaign.checker") is None:
+        log("no checker yet (tests/campaign/checker.py): counts only")
+        return 0
+    from tests.campaign.checker import check
+    from tests.campaign.history import load
+
+    report = check(load(path))
+    print(report.table())
+    return 0 if report.ok else 1
