@@ -31,6 +31,10 @@ class World(Protocol):
     def broker_cut(self) -> int: ...
     def set_faults(self, target: str, **faults: Any) -> None: ...
     def clear_faults(self, target: str) -> None: ...
+    def set_rate_limit(self, target: str, rate: float | None) -> None: ...
+
+    rates: dict[str, float | None]
+
     def target_down(self, target: str) -> None: ...
     def target_up(self, target: str) -> None: ...
     def store_pause(self) -> None: ...
@@ -58,7 +62,10 @@ FAULTS: dict[str, int] = {
     "latency_spike": 2,
     "target_down": 2,
     "store_pause": 2,
+    "rate_limit": 1,
 }
+#: Rates the nemesis moves a rate-limited target between.
+RATES = (10.0, 20.0, 30.0)
 
 Record = Callable[[dict[str, Any]], None]
 
@@ -118,6 +125,13 @@ class Nemesis:
             return f"worker{index}", lambda d: act(index, d)
         if kind == "broker_cut":
             return "broker", self._broker_cut
+        if kind == "rate_limit":
+            limited = [t for t in world.targets if world.rates.get(t)]
+            if not limited:
+                return None
+            target = rng.choice(limited)
+            rate = rng.choice([r for r in RATES if r != world.rates[target]])
+            return "fleet", lambda d: self._rate_limit(target, rate)
         target = rng.choice(world.targets)
         if kind == "target_down":
             return f"proxy-{target}", lambda d: self._target_down(target, d)
@@ -143,6 +157,8 @@ class Nemesis:
             with self._lock:
                 self._busy.discard(resource)
         end = time.time()
+        # A rate limit holds from when every worker has it (lower) or one may (higher).
+        start = float(detail.pop("effective_t", start))
         self._record({"kind": "fault", "t": start, "end": end, "fault": kind, "detail": detail})
         self._log(f"fault {kind} {detail} {end - start:.1f}s")
 
@@ -159,6 +175,14 @@ class Nemesis:
         self._stop.wait(duration / 2)
         self._world.start_worker(index)
         return {"worker": index, "exit_code": code}
+
+    def _rate_limit(self, target: str, rate: float) -> dict[str, Any]:
+        """A rolling restart of the fleet with a new rate; recorded when it is in force."""
+        before = self._world.rates[target] or 0.0
+        started = time.time()
+        self._world.set_rate_limit(target, rate)
+        effective = started if rate > before else time.time()
+        return {"target": target, "rate": rate, "effective_t": effective}
 
     def _broker_cut(self, duration: float) -> dict[str, Any]:
         return {"connections": self._world.broker_cut()}

@@ -277,23 +277,36 @@ class Fleet:
         self._closers.extend(proxy.close for proxy in self.proxies.values())
         for name in self.targets:
             self.clear_faults(name)
+        #: Each target's rate limit now: the nemesis changes them with a rolling restart.
+        self.rates: dict[str, float | None] = dict(RATE_LIMITS)
         self._env = {
             "PABX_WORKER_AMQP_URL": self.broker.url(AMQP_URL),
-            "PABX_WORKER_PABX": json.dumps(
-                {
-                    name: {
-                        "url": f"http://127.0.0.1:{self.proxies[name].port}",
-                        "api_key": API_KEY,
-                        "channel_id": CHANNEL,
-                        **({"rate_limit": RATE_LIMITS[name]} if RATE_LIMITS[name] else {}),
-                    }
-                    for name in self.targets
-                }
-            ),
+            "PABX_WORKER_PABX": self._targets_env(),
         }
         self.all_workers: list[WorkerProcess] = []
         self.fleet: list[WorkerProcess | None] = [None] * WORKERS
         self._lock = threading.Lock()
+
+    def _targets_env(self) -> str:
+        return json.dumps(
+            {
+                name: {
+                    "url": f"http://127.0.0.1:{self.proxies[name].port}",
+                    "api_key": API_KEY,
+                    "channel_id": CHANNEL,
+                    **({"rate_limit": self.rates[name]} if self.rates[name] else {}),
+                }
+                for name in self.targets
+            }
+        )
+
+    def set_rate_limit(self, target: str, rate: float | None) -> None:
+        """Restart every worker, one at a time, with a new rate limit for ``target``."""
+        self.rates[target] = rate
+        self._env = {**self._env, "PABX_WORKER_PABX": self._targets_env()}
+        for index in range(self.workers):
+            self.terminate_worker(index)
+            self.start_worker(index)
 
     # -- workers ------------------------------------------------------------------------
 
