@@ -116,10 +116,10 @@ __all__ = [
 
 MAX_RECORDED_REQUESTS: Final = 100_000
 SHUTDOWN_TIMEOUT_S: Final = 2.0
-_HANG_POLL_S: Final = 0.05
-#: Latencies at least this long watch for the client going away (every _LATENCY_POLL_S).
+#: Hangs, trickles and latencies of at least _WATCHED_LATENCY_S look every _POLL_S for the
+#: client going away, so a recorded ``ended`` is within that of the client giving up.
+_POLL_S: Final = 0.01
 _WATCHED_LATENCY_S: Final = 0.1
-_LATENCY_POLL_S: Final = 0.01
 
 REQUIRED_FIELDS: Final = (
     "DISPOSITIVO",
@@ -374,9 +374,7 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def _wait_connected(
-    state: _State, request: web.Request, seconds: float, *, poll_s: float = _HANG_POLL_S
-) -> bool:
+async def _wait_connected(state: _State, request: web.Request, seconds: float) -> bool:
     """Wait ``seconds``; False as soon as the client goes away or the server shuts down."""
     stopping = state.stopping
     assert stopping is not None
@@ -387,7 +385,7 @@ async def _wait_connected(
         if left <= 0:
             return True
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), min(left, poll_s))
+            await asyncio.wait_for(stopping.wait(), min(left, _POLL_S))
     return False
 
 
@@ -434,7 +432,7 @@ async def _trickle(
         record["status"] = 200
         for index in range(faults.trickle_bytes):
             pause = faults.trickle_ms / 1000
-            if not await _wait_connected(state, request, pause, poll_s=_LATENCY_POLL_S):
+            if not await _wait_connected(state, request, pause):
                 _abort(request)  # the body cannot be completed
                 break
             await response.write(_trickle_byte(index))
@@ -486,7 +484,7 @@ async def _answer(state: _State, request: web.Request, record: Record) -> web.St
     if delay >= _WATCHED_LATENCY_S:
         # A client that gives up meanwhile ends the request now, so ``ended`` says when
         # the request stopped being in flight, not when the sleep would have ended.
-        if not await _wait_connected(state, request, delay, poll_s=_LATENCY_POLL_S):
+        if not await _wait_connected(state, request, delay):
             return _error(503, "client went away")
         faults = state.faults  # may have been replaced meanwhile
     elif delay > 0:
