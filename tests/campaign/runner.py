@@ -286,6 +286,8 @@ class Fleet:
         self.all_workers: list[WorkerProcess] = []
         self.fleet: list[WorkerProcess | None] = [None] * WORKERS
         self._lock = threading.Lock()
+        #: One lock per worker place, held while it is (re)started.
+        self._places = [threading.Lock() for _ in range(WORKERS)]
 
     def _targets_env(self) -> str:
         return json.dumps(
@@ -311,11 +313,18 @@ class Fleet:
     # -- workers ------------------------------------------------------------------------
 
     def start_worker(self, index: int) -> None:
-        worker = WorkerProcess(self.rig.settings, **self._env)
-        with self._lock:
-            self.all_workers.append(worker)
-            self.fleet[index] = worker
-        worker.wait_ready(60)
+        """Start worker ``index``; one still running in that place is stopped first.
+
+        Otherwise a restart racing another (a kill during a rolling restart) would leave an
+        orphan running with the settings of its day, such as an old rate limit.
+        """
+        with self._places[index]:
+            self.terminate_worker(index)
+            worker = WorkerProcess(self.rig.settings, **self._env)
+            with self._lock:
+                self.all_workers.append(worker)
+                self.fleet[index] = worker
+            worker.wait_ready(60)
 
     def kill_worker(self, index: int) -> int:
         worker = self.fleet[index]
