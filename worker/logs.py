@@ -35,6 +35,7 @@ __all__ = [
     "TextFormatter",
     "configure_logging",
     "is_secret_field",
+    "redact_message",
     "redact_text",
 ]
 
@@ -122,6 +123,12 @@ def redact_text(text: str) -> str:
     text = _QUOTED_PAIR.sub(lambda m: f"{m['head']}{m['vq'] or ''}{MASK}{m['vq'] or ''}", text)
     text = _ASSIGNMENT.sub(rf"\g<head>{MASK}", text)
     return _HEADER.sub(rf"\g<head>{MASK}", text)
+
+
+def redact_message(text: str, secrets: Iterable[str]) -> str:
+    """:func:`redact_text`, then whole words equal to a secret masked; never substrings."""
+    known = set(secrets)
+    return " ".join(MASK if word in known else word for word in redact_text(text).split(" "))
 
 
 class RedactingFilter(logging.Filter):

@@ -76,7 +76,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from worker.errors import ConfigurationError, StoreError
-from worker.logs import redact_text
+from worker.logs import redact_message
 from worker.store import redact_url
 from worker.store.base import CallRef, Claim, ClaimState, Send, SendState
 
@@ -339,8 +339,7 @@ class PostgresStore:
     # -- connection handling --------------------------------------------------------
 
     def _error(self, message: str) -> StoreError:
-        message = redact_text(message)  # never substrings: a short password must not garble it
-        message = " ".join("***" if word in self._secrets else word for word in message.split(" "))
+        message = redact_message(message, self._secrets)  # never substrings of other words
         return StoreError(f"PostgreSQL store {self._label}: {message}")
 
     def _connect(self) -> Connection:

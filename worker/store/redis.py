@@ -65,7 +65,7 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from worker.errors import ConfigurationError, StoreError
-from worker.logs import redact_text
+from worker.logs import redact_message
 from worker.store import redact_url
 from worker.store.base import RETENTION_S, CallRef, Claim, ClaimState, Send, SendState
 
@@ -494,5 +494,4 @@ def _scrub(message: str, secrets: tuple[str, ...]) -> str:
 
     Never a substring of other words: a short password must not garble the message.
     """
-    message = redact_text(message)
-    return " ".join("***" if word in secrets else word for word in message.split(" "))
+    return redact_message(message, secrets)
