@@ -36,8 +36,11 @@ chaos: $(STAMP)
 		$(BIN)/pytest tests/chaos/test_broker.py -k restart -s
 
 # Ten minutes of load and random faults on three workers, a fresh seed each time (printed).
+# STORE=redis|postgres|sqlite picks the shared store; BROKER=cluster a private 3-node cluster.
+STORE ?= redis
+BROKER ?= single
 campaign: $(STAMP)
-	$(BIN)/python -m tests.campaign --minutes 10
+	$(BIN)/python -m tests.campaign --minutes 10 --store $(STORE) --broker $(BROKER)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info pabx-worker.sqlite3*

@@ -1,6 +1,7 @@
 """Run a campaign.
 
-``python -m tests.campaign --minutes M --seed S [--store redis|postgres|sqlite] [--history PATH]``
+``python -m tests.campaign --minutes M --seed S [--store redis|postgres|sqlite]
+[--broker single|cluster] [--history PATH]``
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--seed", type=int, default=None, help="default: a random one, printed")
     parser.add_argument("--store", choices=("redis", "postgres", "sqlite"), default="redis")
+    parser.add_argument(
+        "--broker",
+        choices=("single", "cluster"),
+        default="single",
+        help="the machine's RabbitMQ node, or a private three-node cluster whose nodes 2 and 3"
+        " the nemesis stops and starts",
+    )
     parser.add_argument("--history", type=Path, default=None)
     parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
     parser.add_argument("--drain", type=float, default=120.0, help="longest wait at the end (s)")
@@ -28,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         minutes=args.minutes,
         seed=seed,
         store=args.store,
+        broker=args.broker,
         history=args.history,
         rate=args.rate,
         drain_s=args.drain,

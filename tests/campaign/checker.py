@@ -64,6 +64,8 @@ class Report:
     rows: list[Row]
     seed: int
     minutes: float
+    #: ``--store``/``--broker`` arguments of the replay line (empty for the defaults).
+    setup: str = ""
 
     @property
     def ok(self) -> bool:
@@ -90,6 +92,7 @@ class Report:
             lines.extend(f"    e.g. {example}" for example in row.examples)
         lines.append(
             f"replay: python -m tests.campaign --seed {self.seed} --minutes {self.minutes:g}"
+            + self.setup
         )
         return "\n".join(lines)
 
@@ -442,7 +445,10 @@ def check(history: History) -> Report:
     """Verify every SPEC §5 property over one recorded history."""
     ix = _Index(history)
     rows = [prop(ix) for prop in PROPERTIES]
-    return Report(rows=rows, seed=history.config.seed, minutes=_minutes(history))
+    config = history.config
+    setup = "" if config.store == "redis" else f" --store {config.store}"
+    setup += "" if config.broker == "single" else f" --broker {config.broker}"
+    return Report(rows=rows, seed=config.seed, minutes=_minutes(history), setup=setup)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,8 @@ class Config:
     command_ttl_s: float
     targets: dict[str, TargetConfig] = field(default_factory=dict)
     minutes: float | None = None  # optional: the campaign length asked for, for the replay line
+    store: str = "redis"  # for the replay line too
+    broker: str = "single"
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +231,8 @@ def _config(f: _Fields) -> Config:
         command_ttl_s=f.num("command_ttl_s"),
         targets=targets,
         minutes=f.opt_num("minutes"),
+        store=f.opt_text("store") or "redis",
+        broker=f.opt_text("broker") or "single",
     )
 
 

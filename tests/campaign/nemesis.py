@@ -24,6 +24,8 @@ class World(Protocol):
     workers: int
     targets: tuple[str, ...]
     store_pausable: bool
+    #: Broker nodes that may be stopped (1-based; empty without a private cluster).
+    broker_nodes: tuple[int, ...]
 
     def kill_worker(self, index: int) -> int: ...
     def terminate_worker(self, index: int) -> int | None: ...
@@ -39,6 +41,8 @@ class World(Protocol):
     def target_up(self, target: str) -> None: ...
     def store_pause(self) -> None: ...
     def store_resume(self) -> None: ...
+    def node_stop(self, node: int) -> None: ...
+    def node_start(self, node: int) -> float: ...
 
 
 #: Simulator fault settings of each PABX fault (``PUT /_sim/faults`` replaces them all).
@@ -62,6 +66,7 @@ FAULTS: dict[str, int] = {
     "latency_spike": 2,
     "target_down": 2,
     "store_pause": 2,
+    "node_stop": 2,
     "rate_limit": 1,
 }
 #: Rates the nemesis moves a rate-limited target between.
@@ -103,7 +108,7 @@ class Nemesis:
             self._stop.wait(self._rng.uniform(1.0, 4.0))
 
     def _launch(self) -> None:
-        kinds = [k for k in FAULTS if k != "store_pause" or self._world.store_pausable]
+        kinds = [k for k in FAULTS if self._possible(k)]
         kind = self._rng.choices(kinds, weights=[FAULTS[k] for k in kinds])[0]
         duration = self._rng.uniform(2.0, 6.0)
         plan = self._plan(kind)
@@ -116,6 +121,13 @@ class Nemesis:
         self._faults.append(thread)
         thread.start()
 
+    def _possible(self, kind: str) -> bool:
+        if kind == "store_pause":
+            return self._world.store_pausable
+        if kind == "node_stop":
+            return bool(self._world.broker_nodes)
+        return True
+
     def _plan(self, kind: str) -> tuple[str, Callable[[float], dict[str, Any]]] | None:
         """The resource a fault breaks (free at the moment) and the action, or None."""
         rng, world = self._rng, self._world
@@ -125,6 +137,10 @@ class Nemesis:
             return f"worker{index}", lambda d: act(index, d)
         if kind == "broker_cut":
             return "broker", self._broker_cut
+        if kind == "node_stop":
+            node = rng.choice(world.broker_nodes)
+            # One node at a time: the quorum queues keep a majority of their three members.
+            return "broker-node", lambda d: self._node_stop(node, d)
         if kind == "rate_limit":
             limited = [t for t in world.targets if world.rates.get(t)]
             if not limited:
@@ -186,6 +202,14 @@ class Nemesis:
 
     def _broker_cut(self, duration: float) -> dict[str, Any]:
         return {"connections": self._world.broker_cut()}
+
+    def _node_stop(self, node: int, duration: float) -> dict[str, Any]:
+        self._world.node_stop(node)
+        try:
+            self._stop.wait(duration)
+        finally:
+            back_in = self._world.node_start(node)
+        return {"node": node, "back_in_s": round(back_in, 1)}
 
     def _target_down(self, target: str, duration: float) -> dict[str, Any]:
         self._world.target_down(target)

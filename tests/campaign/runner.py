@@ -1,11 +1,12 @@
 """The campaign: three worker processes under load and a nemesis, written down as a history.
 
-One run starts a private store (a ``redis-server`` of its own, a PostgreSQL database of its
-own, or a SQLite file), two simulator targets ``a`` (rate limit 20/s) and ``b`` (unlimited),
-each behind a :class:`TcpProxy`, the broker behind another, and three ``pabx-worker run``
-processes. It publishes a mix of commands for ~100 live calls for ``minutes`` while the
-nemesis breaks things, then mends everything, lets the fleet drain, and writes every
-publication, PABX request, outcome event and fault as one JSON line each.
+One run starts a private store (a ``redis-server`` or a PostgreSQL server of its own, or a
+SQLite file), two simulator targets ``a`` (rate limit 20/s) and ``b`` (unlimited), each behind
+a :class:`TcpProxy`, the broker (the machine's node, or a private three-node cluster) behind
+another, and three ``pabx-worker run`` processes. It publishes a mix of commands for ~100 live
+calls for ``minutes`` while the nemesis breaks things, then mends everything, lets the fleet
+drain, and writes every publication, PABX request, outcome event and fault as one JSON line
+each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import pwd
 import random
 import shutil
 import signal
@@ -28,19 +30,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import requests
 
 from tests.campaign.nemesis import Nemesis
 from tests.chaos.harness import ROOT, VENDOR_BODY, Rig, TcpProxy, WorkerProcess, wait_until
+from tests.cluster.rabbit_cluster import RabbitCluster, find_sbin, local_cluster
 from tests.integration.conftest import API_KEY, CHANNEL
 from worker.simulator import SimulatorThread
 
 __all__ = ["Options", "run"]
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F")
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: First AMQP port of the private cluster (``--broker cluster``); clear of the cluster tests'.
+CLUSTER_BASE_PORT = int(os.environ.get("PABX_CAMPAIGN_CLUSTER_PORT", "5741"))
 WORKERS = 3
 CONCURRENCY = 8
 COMMAND_TTL_S = 30.0
@@ -57,6 +60,7 @@ class Options:
     minutes: float
     seed: int
     store: str = "redis"
+    broker: str = "single"
     history: Path | None = None
     rate: float = 50.0
     drain_s: float = 120.0
@@ -89,18 +93,21 @@ def _pong(port: int) -> bool:
 
 
 class Store:
-    """The run's private store; only a private ``redis-server`` can be paused."""
+    """The run's private store: a ``redis-server`` or PostgreSQL server of its own, or a file.
+
+    The servers run in a process group of their own, so a pause (SIGSTOP of the group) stops
+    every process of the server, PostgreSQL's backends included, and nothing else.
+    """
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
         self.proc: subprocess.Popen[bytes] | None = None
-        self._database: str | None = None
         if kind == "redis":
             self.url = self._start_redis(workdir)
         elif kind == "sqlite":
             self.url = f"sqlite:///{workdir / 'store.sqlite3'}"
         elif kind == "postgres":
-            self.url = self._create_database()
+            self.url = self._start_postgres(workdir)
         else:
             raise ValueError(f"unknown store {kind!r}")
 
@@ -112,42 +119,103 @@ class Store:
                 *("--appendonly", "no", "--dir", str(workdir)),
             ],
             stdout=subprocess.DEVNULL,
+            start_new_session=True,
         )
         if not wait_until(lambda: _pong(port), 10):
             raise RuntimeError("private redis-server did not answer")
         return f"redis://127.0.0.1:{port}/0"
 
-    def _create_database(self) -> str:
-        """A database of the run's own on the machine's server (the store's tables in it)."""
-        import psycopg
+    def _start_postgres(self, workdir: Path) -> str:
+        """``initdb`` a throw-away cluster under ``workdir`` and start its ``postgres``.
 
-        self._database = f"campaign_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {self._database}")
-        return urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{self._database}"))
+        As root, the server runs as the ``postgres`` user (it refuses root); durability is
+        off (``fsync``), since the data dies with the run.
+        """
+        bindir = _postgres_bindir()
+        data = workdir / "postgres"
+        data.mkdir()
+        user: str | None = None
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            os.chown(data, owner.pw_uid, owner.pw_gid)
+            workdir.chmod(0o755)
+            user = "postgres"
+        subprocess.run(
+            [
+                *(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"),
+                *("-E", "UTF8", "--no-sync"),
+            ],
+            user=user,
+            check=True,
+            capture_output=True,
+        )
+        port = _free_port()
+        log_file = (workdir / "postgres.log").open("wb")
+        self.proc = subprocess.Popen(
+            [
+                *(str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(data)),
+                *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
+                *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
+            ],
+            user=user,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+        url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        if not wait_until(lambda: _pg_ready(url), 30):
+            raise RuntimeError("private postgres did not answer")
+        return url
 
     @property
     def pausable(self) -> bool:
         return self.proc is not None
 
+    def _signal(self, signum: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signum)
+
     def pause(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
     def close(self) -> None:
-        if self.proc is not None:
-            self.resume()
-            self.proc.terminate()
+        if self.proc is None:
+            return
+        self.resume()
+        # SIGINT is PostgreSQL's fast shutdown (SIGTERM waits for clients); Redis quits on it.
+        self._signal(signal.SIGINT)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
             self.proc.wait(10)
-        if self._database is not None:
-            import psycopg
 
-            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-                conn.execute(f"DROP DATABASE IF EXISTS {self._database} WITH (FORCE)")
+
+def _postgres_bindir() -> Path:
+    """Where ``initdb`` and ``postgres`` are (Debian keeps them off ``PATH``)."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
+    if not candidates:
+        raise RuntimeError("initdb not found: the PostgreSQL server package is needed")
+    return candidates[0].parent
+
+
+def _pg_ready(url: str) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=1) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
 
 
 # -- the load -----------------------------------------------------------------------------
@@ -254,10 +322,19 @@ class Fleet:
         self.store = Store(options.store, workdir)
         self._closers.append(self.store.close)
         self.store_pausable = self.store.pausable
-        self.broker = TcpProxy.for_url(AMQP_URL, 5672)
+        self.cluster: RabbitCluster | None = None
+        node_urls = self._start_cluster(workdir) if options.broker == "cluster" else [AMQP_URL]
+        #: Nodes the nemesis may stop: never the first, which the producer and reader use.
+        self.broker_nodes = tuple(range(2, len(node_urls) + 1))
+        self.broker = TcpProxy.for_url(node_urls[0], 5672)
         self._closers.append(self.broker.close)
+        # Worker i starts on node i (through the proxy for node 1) and fails over in turn.
+        first = [self.broker.url(node_urls[0]), *node_urls[1:]]
+        self._amqp_urls = [
+            ";".join(first[i % len(first) :] + first[: i % len(first)]) for i in range(WORKERS)
+        ]
         self.rig = Rig(
-            AMQP_URL,
+            node_urls[0],
             api_key=API_KEY,
             pabx_url=None,
             pabx_api_key=None,
@@ -279,15 +356,23 @@ class Fleet:
             self.clear_faults(name)
         #: Each target's rate limit now: the nemesis changes them with a rolling restart.
         self.rates: dict[str, float | None] = dict(RATE_LIMITS)
-        self._env = {
-            "PABX_WORKER_AMQP_URL": self.broker.url(AMQP_URL),
-            "PABX_WORKER_PABX": self._targets_env(),
-        }
+        self._env = {"PABX_WORKER_PABX": self._targets_env()}
         self.all_workers: list[WorkerProcess] = []
         self.fleet: list[WorkerProcess | None] = [None] * WORKERS
         self._lock = threading.Lock()
         #: One lock per worker place, held while it is (re)started.
         self._places = [threading.Lock() for _ in range(WORKERS)]
+
+    def _start_cluster(self, workdir: Path) -> list[str]:
+        """A private three-node RabbitMQ cluster for this run, torn down at the end."""
+        if find_sbin() is None:
+            raise RuntimeError("--broker cluster: rabbitmq-server is not on PATH")
+        started = local_cluster(workdir / "rabbit", 3, CLUSTER_BASE_PORT, slots=4)
+        urls = started.__enter__()
+        self._closers.append(lambda: started.__exit__(None, None, None))
+        self.cluster = urls.cluster
+        log(f"private cluster up: {', '.join(urls)}")
+        return list(urls)
 
     def _targets_env(self) -> str:
         return json.dumps(
@@ -320,7 +405,8 @@ class Fleet:
         """
         with self._places[index]:
             self.terminate_worker(index)
-            worker = WorkerProcess(self.rig.settings, **self._env)
+            env = {**self._env, "PABX_WORKER_AMQP_URL": self._amqp_urls[index]}
+            worker = WorkerProcess(self.rig.settings, **env)
             with self._lock:
                 self.all_workers.append(worker)
                 self.fleet[index] = worker
@@ -353,6 +439,16 @@ class Fleet:
     def broker_cut(self) -> int:
         return self.broker.cut()
 
+    def node_stop(self, node: int) -> None:
+        """``rabbitmqctl stop_app`` on a node of the private cluster: its clients are cut."""
+        assert self.cluster is not None
+        self.cluster.stop_app(node)
+
+    def node_start(self, node: int) -> float:
+        """``rabbitmqctl start_app``, waiting until the node runs in the cluster again."""
+        assert self.cluster is not None
+        return self.cluster.start_app(node, wait_s=90)
+
     def set_faults(self, target: str, **faults: Any) -> None:
         url = f"{self.sims[target].url}/_sim/faults"
         requests.put(url, json=faults, timeout=5).raise_for_status()
@@ -376,6 +472,10 @@ class Fleet:
         """Undo every fault that may still hold, and bring the fleet back to three workers."""
         self.store.resume()
         self.broker.restore()
+        if self.cluster is not None:
+            for node in self.broker_nodes:
+                with contextlib.suppress(Exception):
+                    self.cluster.start_app(node, wait_s=90)
         for name in self.targets:
             self.proxies[name].restore()
             self.clear_faults(name)
@@ -518,6 +618,7 @@ def _config(options: Options, started: float) -> dict[str, Any]:
         "command_ttl_s": COMMAND_TTL_S,
         "targets": {name: {"rate_limit": rate} for name, rate in RATE_LIMITS.items()},
         "store": options.store,
+        "broker": options.broker,
         "rate": options.rate,
         "minutes": options.minutes,
     }
@@ -533,7 +634,10 @@ def write_history(path: Path, config: dict[str, Any], entries: list[dict[str, An
 
 def run(options: Options) -> int:
     """Run one campaign; 0 when the checker finds nothing (or is not there yet), else 1."""
-    log(f"seed {options.seed}, {options.minutes} min at {options.rate}/s, store {options.store}")
+    log(
+        f"seed {options.seed}, {options.minutes} min at {options.rate}/s,"
+        f" store {options.store}, broker {options.broker}"
+    )
     history: list[dict[str, Any]] = []
     workdir = Path(tempfile.mkdtemp(prefix=f"campaign-{options.seed}-"))
     started = time.time()

@@ -381,3 +381,13 @@ def test_cli_exit_codes(tmp_path: Path) -> None:
     (tmp_path / "garbage.jsonl").write_text("not json\n")
     assert run_cli(str(tmp_path / "garbage.jsonl")).returncode == 2
     assert run_cli(str(tmp_path / "missing.jsonl")).returncode == 2
+
+
+def test_replay_line_names_the_store_and_broker(tmp_path: Path) -> None:
+    default = check(clean()).table().splitlines()[-1]
+    assert default == "replay: python -m tests.campaign --seed 7 --minutes 1"
+    history = replace(clean(), config=replace(CONFIG, store="postgres", broker="cluster"))
+    loaded = load(write(tmp_path / "pg.jsonl", history))
+    assert check(loaded).table().splitlines()[-1] == (
+        "replay: python -m tests.campaign --seed 7 --minutes 1 --store postgres --broker cluster"
+    )
