@@ -21,11 +21,12 @@ from typing import Any
 
 from kombu import Connection
 
+from worker import headers as hdr
 from worker.broker import broker_call, connect, where
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
-from worker.messages import RETRIES_HEADER, Delivery, header_count, raw_event_id
+from worker.messages import Delivery, header_count, raw_event_id
 from worker.observability import CIRCUIT_VALUES, Metrics
 from worker.outcomes import CONTENT_TYPE, routing_key_for
 from worker.pipeline import Action, Decision, Prepared, Processor
@@ -427,7 +428,7 @@ def _to_delivery(message: Any) -> Delivery:
         headers=headers,
         redelivered=redelivered,
         # Only the broker's count is trusted: a producer may set the header itself.
-        delivery_count=header_count(headers, "x-delivery-count") if redelivered else 0,
+        delivery_count=header_count(headers, hdr.DELIVERY_COUNT) if redelivered else 0,
     )
 
 
@@ -503,8 +504,8 @@ def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> P
     steps = sorted(topology.retry_queues)
     delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
     headers = _copied_headers(delivery)
-    headers[RETRIES_HEADER] = header_count(headers, RETRIES_HEADER) + 1
-    headers["x-pabx-attempts"] = decision.attempts
+    headers[hdr.RETRIES] = header_count(headers, hdr.RETRIES) + 1
+    headers[hdr.ATTEMPTS] = decision.attempts
     return Publication(
         delivery.body,
         "",
@@ -519,11 +520,11 @@ def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> 
     headers = _copied_headers(delivery)
     headers.update(
         {
-            "x-pabx-error-code": decision.error.code,
-            "x-pabx-error": decision.error.message[:MAX_REASON_CHARS],
-            "x-pabx-attempts": decision.attempts,
-            "x-pabx-status": decision.status.value if decision.status else "",
-            "x-pabx-parked-at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            hdr.ERROR_CODE: decision.error.code,
+            hdr.ERROR: decision.error.message[:MAX_REASON_CHARS],
+            hdr.ATTEMPTS: decision.attempts,
+            hdr.STATUS: decision.status.value if decision.status else "",
+            hdr.PARKED_AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
     )
     return Publication(
@@ -548,7 +549,7 @@ def _copied_headers(delivery: Delivery) -> dict[str, Any]:
     dropped: list[str] = []
     budget = MAX_COPIED_HEADER_BYTES
     for name, value in delivery.headers.items():
-        if name == "x-delivery-count":
+        if name == hdr.DELIVERY_COUNT:
             continue
         try:
             cost = len(dumps("F", [{name: value}]))
@@ -560,5 +561,5 @@ def _copied_headers(delivery: Delivery) -> dict[str, Any]:
         budget -= cost
         kept[name] = value
     if dropped:
-        kept["x-pabx-dropped-headers"] = ",".join(dropped)[:MAX_REASON_CHARS]
+        kept[hdr.DROPPED_HEADERS] = ",".join(dropped)[:MAX_REASON_CHARS]
     return kept

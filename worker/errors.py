@@ -28,6 +28,8 @@ mapped to these at the boundary that met them::
 
 from __future__ import annotations
 
+from worker.models import ErrorCode
+
 __all__ = [
     "BrokerError",
     "CircuitOpen",
@@ -66,13 +68,14 @@ class ConfigurationError(PabxWorkerError):
 class InvalidCommand(PabxWorkerError):
     """The message is not a valid redirect command."""
 
-    code = "invalid_command"
+    code: ErrorCode = ErrorCode.INVALID_COMMAND
 
 
 class PabxError(PabxWorkerError):
     """The PABX did not accept the request."""
 
-    code = "pabx_error"
+    #: The outcome's ``error.code`` when this error ends a command.
+    code: ErrorCode = ErrorCode.PABX_ERROR
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
@@ -89,7 +92,7 @@ class PabxUnreachable(PabxTransientError):
     A TLS handshake that can never succeed with these settings is :class:`PabxTlsError`.
     """
 
-    code = "pabx_unreachable"
+    code = ErrorCode.PABX_UNREACHABLE
 
 
 class CircuitOpen(PabxUnreachable):
@@ -107,7 +110,7 @@ class PabxOutcomeUnknown(PabxTransientError):
     ``RETRY_AMBIGUOUS`` says a repeated redirect is harmless.
     """
 
-    code = "pabx_outcome_unknown"
+    code = ErrorCode.PABX_OUTCOME_UNKNOWN
 
 
 class PabxPermanentError(PabxError):
@@ -117,19 +120,19 @@ class PabxPermanentError(PabxError):
 class PabxBadRequest(PabxPermanentError):
     """400: the PABX rejected the body."""
 
-    code = "pabx_bad_request"
+    code = ErrorCode.PABX_BAD_REQUEST
 
 
 class PabxUnauthorized(PabxPermanentError):
     """401: no API key reached the PABX."""
 
-    code = "pabx_unauthorized"
+    code = ErrorCode.PABX_UNAUTHORIZED
 
 
 class PabxForbidden(PabxPermanentError):
     """403: the API key was refused."""
 
-    code = "pabx_forbidden"
+    code = ErrorCode.PABX_FORBIDDEN
 
 
 class PabxRejected(PabxPermanentError):
@@ -143,7 +146,7 @@ class PabxTlsError(PabxPermanentError):
     PABX refused ours (missing, unknown, expired). Its code is that of a PABX not reached.
     """
 
-    code = "pabx_unreachable"
+    code = ErrorCode.PABX_UNREACHABLE
 
 
 class StoreError(PabxWorkerError):

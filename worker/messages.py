@@ -16,12 +16,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from worker import headers as hdr
 from worker.errors import InvalidCommand
 from worker.models import MAX_COMMAND_BYTES, RedirectCommand
 
 __all__ = [
-    "REPLAY_HEADER",
-    "RETRIES_HEADER",
     "Delivery",
     "decode_command",
     "event_id_for",
@@ -31,10 +30,6 @@ __all__ = [
     "replay_generation",
 ]
 
-#: Header counting a command's trips through the broker-held retry queues.
-RETRIES_HEADER = "x-pabx-retries"
-#: Header ``parked replay`` sets on the copies it sends back: the replay generation.
-REPLAY_HEADER = "x-pabx-replay"
 #: Namespace of the deterministic outcome event ids (uuid5).
 EVENT_NAMESPACE = uuid.UUID("8f6a7c52-4b0e-5d2c-9a51-3c1f6e0b7d24")
 _ACCEPTED_CONTENT_TYPES = frozenset({"", "application/json"})
@@ -187,7 +182,7 @@ def header_count(headers: Mapping[str, Any], name: str) -> int:
 
 def replay_generation(headers: Mapping[str, Any]) -> int:
     """How many times an operator replayed a command from the parked queue (0: never)."""
-    return header_count(headers, REPLAY_HEADER)
+    return header_count(headers, hdr.REPLAY)
 
 
 def raw_event_id(body: bytes, command_id: str | None = None) -> str:

@@ -27,6 +27,7 @@ __all__ = [
     "COMMAND_ID_PATTERN",
     "MAX_COMMAND_BYTES",
     "AmqpRef",
+    "ErrorCode",
     "ErrorInfo",
     "OutcomeData",
     "OutcomeEvent",
@@ -161,6 +162,23 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
+class ErrorCode(StrEnum):
+    """Why a command did not end accepted: the error.code of its outcome event."""
+
+    INVALID_COMMAND = "invalid_command"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    SUPERSEDED = "superseded"
+    PRODUCER_NOT_ALLOWED = "producer_not_allowed"
+    PABX_BAD_REQUEST = "pabx_bad_request"
+    PABX_UNAUTHORIZED = "pabx_unauthorized"
+    PABX_FORBIDDEN = "pabx_forbidden"
+    PABX_ERROR = "pabx_error"
+    PABX_OUTCOME_UNKNOWN = "pabx_outcome_unknown"
+    PABX_UNREACHABLE = "pabx_unreachable"
+    POISON_MESSAGE = "poison_message"
+    EXPIRED = "expired"
+
+
 #: Outcome models: every field is present in what the worker emits.
 _OUTCOME_CONFIG = ConfigDict(
     extra="forbid", frozen=True, json_schema_serialization_defaults_required=True
@@ -172,20 +190,7 @@ class ErrorInfo(BaseModel):
 
     model_config = _OUTCOME_CONFIG
 
-    code: Literal[
-        "invalid_command",
-        "idempotency_conflict",
-        "superseded",
-        "producer_not_allowed",
-        "pabx_bad_request",
-        "pabx_unauthorized",
-        "pabx_forbidden",
-        "pabx_error",
-        "pabx_outcome_unknown",
-        "pabx_unreachable",
-        "poison_message",
-        "expired",
-    ]
+    code: ErrorCode
     message: str
 
 

@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from worker import headers as hdr
 from worker.broker import broker_call
-from worker.messages import REPLAY_HEADER, Delivery, readable_command_id, replay_generation
+from worker.messages import Delivery, readable_command_id, replay_generation
 from worker.producer import Outgoing, Producer, raw_body
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
 
 #: Headers a replayed copy loses: dead-letter bookkeeping and the worker's own.
 STRIPPED_PREFIXES = ("x-death", "x-first-death-", "x-last-death-", "x-pabx-")
-STRIPPED_HEADERS = frozenset({"x-delivery-count"})
+STRIPPED_HEADERS = frozenset({hdr.DELIVERY_COUNT})
 #: Properties a replayed copy does not keep: ``user_id`` must match the replaying user.
 DROPPED_PROPERTIES = frozenset({"application_headers", "delivery_mode", "user_id"})
 _SECRET = re.compile(r'("SENHA_DISPOSITIVO"\s*:\s*)(?:"(?:[^"\\]|\\.)*"|[^,}\s]+)')
@@ -134,7 +135,7 @@ class ParkedMessage:
             correlation_id=_text(props.get("correlation_id")) or None,
         )
         code, reason, parked_at = _why(headers, props)
-        attempts = headers.get("x-pabx-attempts")
+        attempts = headers.get(hdr.ATTEMPTS)
         return cls(
             position=position,
             delivery_tag=message.delivery_tag,
@@ -144,7 +145,7 @@ class ParkedMessage:
             command_id=readable_command_id(delivery),
             error_code=code,
             reason=reason,
-            status=_text(headers.get("x-pabx-status")),
+            status=_text(headers.get(hdr.STATUS)),
             attempts=attempts if isinstance(attempts, int) else None,
             parked_at=parked_at,
         )
@@ -173,9 +174,9 @@ class ParkedMessage:
 
 def _why(headers: Mapping[str, Any], props: Mapping[str, Any]) -> tuple[str, str, datetime | None]:
     """Error code, reason and time of parking: the worker's headers, else the broker's."""
-    if "x-pabx-error-code" in headers:
-        parked_at = _as_datetime(headers.get("x-pabx-parked-at"))
-        return _text(headers["x-pabx-error-code"]), _text(headers.get("x-pabx-error")), parked_at
+    if hdr.ERROR_CODE in headers:
+        parked_at = _as_datetime(headers.get(hdr.PARKED_AT))
+        return _text(headers[hdr.ERROR_CODE]), _text(headers.get(hdr.ERROR)), parked_at
     deaths = headers.get("x-death")
     if isinstance(deaths, list) and deaths and isinstance(deaths[0], Mapping):
         death = deaths[0]
@@ -194,7 +195,7 @@ def replay_properties(message: ParkedMessage) -> dict[str, Any]:
     props = {k: v for k, v in message.properties.items() if k not in DROPPED_PROPERTIES}
     headers = clean_headers(message.headers)
     # A new generation: the worker may send a command again whose outcome was not accepted.
-    headers[REPLAY_HEADER] = replay_generation(message.headers) + 1
+    headers[hdr.REPLAY] = replay_generation(message.headers) + 1
     props["application_headers"] = headers
     return props
 

@@ -36,6 +36,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+from worker import headers as hdr
 from worker.circuit import CircuitBreaker
 from worker.errors import (
     CircuitOpen,
@@ -50,7 +51,6 @@ from worker.errors import (
 )
 from worker.leases import LeaseKeeper
 from worker.messages import (
-    RETRIES_HEADER,
     Delivery,
     decode_command,
     event_id_for,
@@ -537,7 +537,7 @@ class Processor:
                 attempts,
                 error.status_code,
             )
-        retries = header_count(prepared.delivery.headers, RETRIES_HEADER)
+        retries = header_count(prepared.delivery.headers, hdr.RETRIES)
         steps = self._policy.retry_delays_s
         delay = steps[min(retries, len(steps) - 1)]
         if delay > deadline - now:  # come back by the deadline, not a whole step past it

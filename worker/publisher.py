@@ -14,13 +14,13 @@ from typing import Any
 
 from amqp import Message
 
+from worker import headers as hdr
+
 __all__ = ["ConfirmingPublisher", "Publication"]
 
 log = logging.getLogger("pabx_worker.publisher")
 
 OnConfirm = Callable[[bool], None]
-#: Header naming a mandatory publication's sequence number, so a return can be matched.
-SEQ_HEADER = "x-pabx-publish-seq"
 
 
 class Publication:
@@ -67,7 +67,7 @@ class ConfirmingPublisher:
         seq = self._seq + 1
         properties = publication.properties
         if publication.mandatory:  # tag it, so a basic.return can name its publication
-            headers = {**(properties.get("application_headers") or {}), SEQ_HEADER: seq}
+            headers = {**(properties.get("application_headers") or {}), hdr.PUBLISH_SEQ: seq}
             properties = {**properties, "application_headers": headers}
         message = Message(publication.body, delivery_mode=2, **properties)
         self._channel.basic_publish(
@@ -110,6 +110,6 @@ class ConfirmingPublisher:
             "broker returned an unroutable message",
             extra={"exchange": exchange, "routing_key": routing_key, "reason": str(exc)},
         )
-        seq = (message.properties.get("application_headers") or {}).get(SEQ_HEADER)
+        seq = (message.properties.get("application_headers") or {}).get(hdr.PUBLISH_SEQ)
         if isinstance(seq, int) and seq in self._pending:
             self._returned.add(seq)
