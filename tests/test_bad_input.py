@@ -32,7 +32,7 @@ import pika
 import pytest
 from amqp import Message
 from amqp.serialization import dumps
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests.chaos.harness import Rig, size
@@ -40,9 +40,8 @@ from tests.integration.conftest import RunningWorker, private_settings
 from worker.consumer import (
     MAX_COPIED_HEADER_BYTES,
     MAX_REASON_CHARS,
+    _fate,
     _Job,
-    _prepare,
-    _publications,
     _to_delivery,
     _tolerate_non_utf8_properties,
 )
@@ -50,7 +49,7 @@ from worker.errors import InvalidCommand
 from worker.fakes import FakePabx
 from worker.messages import Delivery, decode_command, raw_event_id, readable_command_id
 from worker.models import OutcomeEvent
-from worker.pipeline import Action, Decision, Policy, Prepared, Processor
+from worker.pipeline import Decision, Finish, Policy, Prepared, Processor
 from worker.settings import PabxTarget, Settings
 from worker.store.memory import MemoryStore
 from worker.topology import Topology
@@ -550,22 +549,21 @@ def run_in_process(
     delivery = _to_delivery(message)
     pabx = FakePabx()
     processor = new_processor(pabx)
-    prepared = _prepare(processor, delivery)
+    prepared = processor.prepare(delivery)
     decision = processor.execute(prepared)
     job = _Job(1, 1, prepared, decision)
-    publications = _publications(settings_, Topology.from_settings(settings_), job, decision)
-    return prepared, decision, pabx, publications
+    fate = _fate(settings_, Topology.from_settings(settings_), job)
+    return prepared, decision, pabx, list(fate.publications)
 
 
 def check_rejected_and_parked(
     settings_: Settings, body: bytes, props: dict[str, Any]
 ) -> dict[str, Any]:
     prepared, decision, pabx, publications = run_in_process(settings_, body, props)
-    assert decision.action is Action.FINISH
-    assert decision.status is not None and decision.status.value == "rejected", decision
+    assert isinstance(decision, Finish)
+    assert decision.status.value == "rejected", decision
     assert decision.error is not None and decision.error.code == "invalid_command"
     assert pabx.requests == []
-    assert decision.event is not None
     event = json.loads(decision.event)
     OutcomeEvent.model_validate(event)
     assert event["id"] == prepared.event_id
@@ -748,13 +746,15 @@ def _is_valid(body: bytes, props: dict[str, Any]) -> bool:
 
 @settings(max_examples=size(300, 2000), deadline=None)
 @given(body=BODIES, props=PROPS)
+@example(body=b"", props={"content_encoding": "\x00"})  # once raised out of the consumer
 def test_generated_messages_get_one_clear_outcome_in_process(
     unit_settings: Settings, body: bytes, props: dict[str, Any]
 ) -> None:
     props = {"delivery_mode": 2, **props}
     if _is_valid(body, props):
         _, decision, pabx, publications = run_in_process(unit_settings, body, props)
-        assert decision.status is not None and decision.status.value in ("accepted", "expired")
+        assert isinstance(decision, Finish), decision
+        assert decision.status.value in ("accepted", "expired")
         assert len(pabx.requests) <= 1
         assert all(isinstance(v, str) for r in pabx.requests for v in r.body.values())
         for publication in publications:
@@ -786,7 +786,7 @@ def live(amqp_url: str) -> Iterator[LiveWorker]:
 
 def expected_event_id(body: bytes, props: dict[str, Any]) -> str:
     delivery: Delivery = _to_delivery(through_the_wire(body, props))
-    return _prepare(new_processor(FakePabx()), delivery).event_id
+    return new_processor(FakePabx()).prepare(delivery).event_id
 
 
 def publish_and_collect(
@@ -893,3 +893,20 @@ def test_generated_messages_through_rabbitmq(
     parked = drain_parked(live.rig, len(messages))
     assert len(parked) == len(messages)
     assert live.running.thread.is_alive() and live.running.worker.state.sessions == 1
+
+
+def test_a_message_whose_properties_cannot_be_read_is_rejected_not_fatal() -> None:
+    class Unreadable(dict[str, Any]):
+        def get(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a property py-amqp decoded into something unexpected")
+
+    class Message:
+        def __init__(self) -> None:
+            self.properties = Unreadable()
+            self.body = b'{"command_id": "c1"}'
+            self.delivery_info: dict[str, Any] = {}
+
+    delivery = _to_delivery(Message())
+    assert delivery == Delivery(body=b'{"command_id": "c1"}')
+    decision = new_processor(FakePabx()).execute(new_processor(FakePabx()).prepare(delivery))
+    assert isinstance(decision, Finish) and decision.status.value == "rejected"

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from worker import errors
 from worker.batch import (
     Batch,
     BatchCommand,
@@ -209,6 +210,11 @@ def test_format_from_suffix_or_content(tmp_path: Path, name: str, content: str, 
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(BatchFileError, match="cannot read"):
         load_batch(tmp_path / "missing.csv")
+
+
+def test_the_file_error_is_one_of_the_package_errors() -> None:
+    assert BatchFileError is errors.BatchFileError  # worker.batch re-exports it
+    assert issubclass(BatchFileError, errors.PabxWorkerError)
 
 
 # -- derived ids and duplicates --------------------------------------------------------

@@ -1,4 +1,4 @@
-"""worker.broker: URL checks, TLS files and the mapping of connection errors (SPEC §1, §9)."""
+"""worker.broker: URL checks, TLS files and the mapping of broker errors (SPEC §1, §9)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,33 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import amqp.exceptions
+import kombu.exceptions
 import pytest
-from amqp.exceptions import AccessRefused, ConnectionForced, NotAllowed
+from amqp.exceptions import (
+    AccessRefused,
+    AMQPError,
+    ChannelError,
+    ConnectionForced,
+    IrrecoverableChannelError,
+    MessageNacked,
+    NotAllowed,
+    NotFound,
+    PreconditionFailed,
+    error_for_code,
+)
 from kombu import Connection
 
 from tests.certs import Authority
-from worker.broker import TlsFiles, connect, parse_urls
-from worker.errors import BrokerError, ConfigurationError
+from worker.broker import (
+    BROKER_ERROR_MAP,
+    TlsFiles,
+    broker_errors,
+    connect,
+    home_node_down,
+    parse_urls,
+)
+from worker.errors import BrokerError, ConfigurationError, PabxWorkerError
 
 PASSWORD = "s3cret-Pw-9"
 
@@ -226,6 +246,159 @@ def test_a_permanent_failure_wins_only_when_no_url_connected(
     failing_with(monkeypatch, AccessRefused("ACCESS_REFUSED", (10, 40), "Connection.start_ok"))
     with pytest.raises(ConfigurationError, match="ACCESS_REFUSED"):
         connect(f"{refused_url()};amqp://guest:guest@localhost/%2F")
+
+
+# -- errors met on an open connection: broker_errors() ---------------------------------------
+
+
+def exception_classes(*modules: object) -> set[type[Exception]]:
+    """Every public exception class a module defines or re-exports (warnings are not raised)."""
+    return {
+        value
+        for module in modules
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and isinstance(value, type)
+        and issubclass(value, Exception)
+        and not issubclass(value, Warning)
+    }
+
+
+def os_error_classes() -> set[type[Exception]]:
+    """OSError and all its subclasses from the builtins, ``socket`` and ``ssl``."""
+    found: set[type[Exception]] = set()
+    todo: list[type[Exception]] = [OSError]
+    while todo:
+        cls = todo.pop()
+        if cls.__module__ in ("builtins", "socket", "ssl"):
+            found.add(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+def qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: What the worker can meet from py-amqp, kombu and the socket layer.
+BROKER_EXCEPTIONS = sorted(
+    exception_classes(amqp.exceptions, kombu.exceptions, socket, ssl) | os_error_classes(),
+    key=qualified,
+)
+
+#: What broker_errors() deliberately raises unchanged, and why.
+PASSED_THROUGH: dict[type[Exception], str] = {
+    AMQPError: "base class; py-amqp raises its subclasses",
+    ChannelError: "a channel error the broker names by a code py-amqp does not know",
+    IrrecoverableChannelError: "base class of the channel errors below",
+    AccessRefused: "403 on a channel: Topology.declare makes it a ConfigurationError",
+    NotFound: "404, a missing queue or exchange (unless home_node_down): Topology.check"
+    " makes it a ConfigurationError",
+    PreconditionFailed: "406, a declaration that does not match: Topology makes it a"
+    " ConfigurationError",
+    MessageNacked: "py-amqp's confirm_publish, which the worker does not use",
+    **dict.fromkeys(
+        (
+            cls
+            for cls in exception_classes(kombu.exceptions)
+            if not issubclass(cls, AMQPError | OSError)  # py-amqp's, socket's: mapped above
+        ),
+        "kombu's own layer (ensure, serializers, HTTP), which the worker does not call",
+    ),
+}
+
+
+def instance(cls: type[Exception]) -> Exception:
+    if issubclass(cls, AMQPError):
+        return cls("boom", (50, 10))  # as py-amqp raises them: reply text and method
+    return cls("boom")
+
+
+def raised_through(exc: BaseException) -> BaseException:
+    """What comes out of ``broker_errors()`` when ``exc`` is raised inside it."""
+    try:
+        with broker_errors():
+            raise exc
+    except BaseException as out:
+        return out
+    raise AssertionError("broker_errors() swallowed an exception")
+
+
+def test_the_enumeration_finds_what_the_worker_meets() -> None:
+    names = {qualified(cls) for cls in BROKER_EXCEPTIONS}
+    assert {
+        "amqp.exceptions.ConnectionForced",
+        "amqp.exceptions.ResourceLocked",
+        "amqp.exceptions.NotFound",
+        "kombu.exceptions.OperationalError",
+        "kombu.exceptions.InconsistencyError",
+        "builtins.ConnectionResetError",
+        "builtins.TimeoutError",
+        "socket.gaierror",
+        "ssl.SSLEOFError",
+        "ssl.SSLCertVerificationError",
+    } <= names
+    assert set(PASSED_THROUGH) <= set(BROKER_EXCEPTIONS)  # no stale entry
+
+
+@pytest.mark.parametrize("cls", BROKER_EXCEPTIONS, ids=qualified)
+def test_every_broker_exception_is_mapped_or_deliberately_passed_through(
+    cls: type[Exception],
+) -> None:
+    raised = instance(cls)
+    out = raised_through(raised)
+    if cls in PASSED_THROUGH:
+        assert out is raised
+        return
+    assert isinstance(out, PabxWorkerError)
+    assert type(out) is BrokerError
+    assert str(out) == f"{cls.__name__}: {raised}"
+    assert out.__cause__ is raised
+
+
+HOME_NODE_DOWN = (
+    "NOT_FOUND - home node 'rabbit@node2' of durable queue 'pabx.commands' in vhost '/'"
+    " is down or inaccessible"
+)
+
+
+def test_a_classic_queue_whose_node_is_down_is_a_broker_error() -> None:
+    raised = error_for_code(404, HOME_NODE_DOWN, (50, 10), ChannelError)  # as off the wire
+    assert isinstance(raised, NotFound) and home_node_down(raised)
+    out = raised_through(raised)
+    assert type(out) is BrokerError
+    assert str(out) == f"NotFound: Queue.declare: (404) {HOME_NODE_DOWN}"
+    assert out.__cause__ is raised
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        NotFound("NOT_FOUND - no queue 'pabx.parked' in vhost '/'", (50, 10)),
+        PreconditionFailed(HOME_NODE_DOWN, (50, 10)),  # the text alone is not enough
+        ConfigurationError("a topology mismatch, already ours"),
+        BrokerError("already ours"),
+        RuntimeError("a bug"),
+        KeyboardInterrupt(),
+    ],
+    ids=lambda exc: type(exc).__name__,
+)
+def test_other_errors_come_out_unchanged(raised: BaseException) -> None:
+    assert not home_node_down(raised)
+    assert raised_through(raised) is raised
+
+
+def test_no_row_of_the_map_is_hidden_by_an_earlier_one() -> None:
+    for i, earlier in enumerate(BROKER_ERROR_MAP):
+        for later in BROKER_ERROR_MAP[i + 1 :]:
+            if earlier.when is None:
+                assert not issubclass(later.raised, earlier.raised), (earlier, later)
+
+
+def test_broker_errors_keeps_the_value_of_the_block() -> None:
+    with broker_errors():
+        value = int("42")
+    assert value == 42
 
 
 # -- the machine's broker --------------------------------------------------------------------

@@ -13,7 +13,7 @@ from worker.errors import PabxOutcomeUnknown, PabxUnreachable, StoreError
 from worker.fakes import FakePabx
 from worker.messages import Delivery
 from worker.models import OutcomeEvent, Status
-from worker.pipeline import Action, Decision, Policy, Processor
+from worker.pipeline import Decision, Finish, Policy, Processor, Requeue, Retry
 from worker.settings import PabxTarget
 from worker.store.base import CallRef, Send, SendState
 from worker.store.memory import MemoryStore
@@ -87,14 +87,14 @@ def run(processor: Processor, d: Delivery) -> Decision:
 
 
 def event(decision: Decision) -> OutcomeEvent:
-    assert decision.event is not None
+    assert isinstance(decision, Finish), decision
     return OutcomeEvent.model_validate_json(decision.event)
 
 
 def test_valid_command_is_sent_once_with_the_vendor_body_and_accepted(clock: Clock) -> None:
     pabx = FakePabx()
     decision = run(make(pabx, clock), delivery())
-    assert decision.action is Action.FINISH and decision.status is Status.ACCEPTED
+    assert isinstance(decision, Finish) and decision.status is Status.ACCEPTED
     assert len(pabx.requests) == 1
     sent = pabx.requests[0]
     assert sent.channel_id == 17
@@ -146,7 +146,7 @@ def test_transient_failures_past_the_in_process_budget_go_to_a_retry_queue(clock
     pabx = FakePabx([PabxUnreachable("down")] * 3)
     processor = make(pabx, clock, store)
     decision = run(processor, delivery())
-    assert decision.action is Action.RETRY and decision.attempts == 3
+    assert isinstance(decision, Retry) and decision.attempts == 3
     assert decision.delay_s == 1.0
     # back from the retry queue: the release let it be claimed again, attempts carried on
     again = run(processor, delivery(headers={"x-pabx-retries": 1}))
@@ -166,7 +166,7 @@ def test_retry_near_the_deadline_comes_back_and_expires_only_after_it(clock: Clo
     pabx = FakePabx([503] * 3)
     processor = make(pabx, clock)
     decision = run(processor, delivery(command(expires_at=expires)))
-    assert decision.action is Action.RETRY and decision.status is None
+    assert isinstance(decision, Retry)
     clock.now += decision.delay_s  # back from the retry queue, past the deadline
     again = run(processor, delivery(command(expires_at=expires), headers={"x-pabx-retries": 1}))
     assert again.status is Status.EXPIRED and not again.park and len(pabx.requests) == 3
@@ -238,7 +238,7 @@ def test_command_in_flight_elsewhere_waits_in_a_retry_queue(clock: Clock) -> Non
     prepared = processor.prepare(delivery())
     store.claim("cmd-1", prepared.fingerprint, now=NOW, lease_s=30)
     decision = processor.execute(prepared)
-    assert decision.action is Action.RETRY and decision.delay_s == 30
+    assert isinstance(decision, Retry) and decision.delay_s == 30
     assert pabx.requests == []
 
 
@@ -318,7 +318,7 @@ def test_lost_lease_means_no_request(clock: Clock) -> None:
 
     pabx = FakePabx()
     decision = run(make(pabx, clock, StolenStore()), delivery())
-    assert decision.action is Action.RETRY and pabx.requests == []
+    assert isinstance(decision, Retry) and pabx.requests == []
 
 
 def test_purge_drops_records_past_retention(clock: Clock) -> None:
@@ -442,7 +442,7 @@ def test_call_held_by_another_worker_waits_then_goes_through_the_broker(clock: C
     call = CallRef(holder.call_key or "", NOW - 5)
     assert store.mark_sent("holder", claim.token or "", call, now=NOW, lease_s=30).attempts == 1
     decision = run(processor, delivery(command(issued_at=_at(-1))))
-    assert decision.action is Action.RETRY and pabx.requests == []
+    assert isinstance(decision, Retry) and pabx.requests == []
     assert decision.delay_s >= 1.0 and sum(clock.slept) >= 2.0  # waited in process first
     store.record("holder", claim.token or "", b"{}", now=clock())
     assert run(processor, delivery(command(issued_at=_at(-1)))).status is Status.ACCEPTED
@@ -455,7 +455,7 @@ def test_outcome_is_not_recorded_by_a_worker_that_lost_its_lease(clock: Clock) -
 
     pabx = FakePabx()
     decision = run(make(pabx, clock, TakenOver(clock=clock)), delivery())
-    assert decision.action is Action.RETRY and decision.event is None
+    assert isinstance(decision, Retry)
 
 
 def test_rate_limit_slot_is_waited_for_before_the_command_is_marked_sent(clock: Clock) -> None:
@@ -518,10 +518,10 @@ def test_one_target_down_does_not_stop_the_other(clock: Clock) -> None:
         sleep=clock.sleep,
     )
     first = run(processor, delivery(command(command_id="a1", pabx="a")))
-    assert first.action is Action.RETRY
+    assert isinstance(first, Retry)
     assert processor.breakers["a"].state is CircuitState.OPEN
     held = run(processor, delivery(command(command_id="a2", pabx="a")))
-    assert held.action is Action.RETRY and held.attempts == 0  # not sent: circuit open
+    assert isinstance(held, Retry) and held.attempts == 0  # not sent: circuit open
     for n in range(3):
         assert run(processor, delivery(command(command_id=f"b{n}", pabx="b"))).status is (
             Status.ACCEPTED
@@ -546,15 +546,63 @@ def test_store_outage_after_the_send_waits_and_records_without_resending(clock: 
     assert processor.store_breaker.state is CircuitState.CLOSED
 
 
-def test_store_down_at_the_claim_raises_and_opens_the_store_circuit(clock: Clock) -> None:
+def test_store_down_at_the_claim_holds_the_command_until_it_answers(clock: Clock) -> None:
+    class Flaky(MemoryStore):
+        failures = 2
+
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            if self.failures:
+                self.failures -= 1
+                raise StoreError("down")
+            return super().claim(*args, **kwargs)
+
+    pabx = FakePabx()
+    store = Flaky(clock=clock)
+    processor = make(pabx, clock, store)
+    decision = run(processor, delivery())
+    assert isinstance(decision, Finish) and decision.status is Status.ACCEPTED
+    assert store.failures == 0 and len(pabx.requests) == 1
+    assert processor.store_breaker.state is CircuitState.CLOSED
+
+
+def test_store_down_at_the_claim_while_stopping_gives_the_command_back(clock: Clock) -> None:
     class Down(MemoryStore):
         def claim(self, *args: Any, **kwargs: Any) -> Any:
             raise StoreError("down")
 
-    processor = make(FakePabx(), clock, Down(clock=clock))
-    with pytest.raises(StoreError):
-        run(processor, delivery())
+        def ping(self) -> None:
+            raise StoreError("down")
+
+    pabx = FakePabx()
+    processor = make(pabx, clock, Down(clock=clock))
+    processor.stopping.set()
+    decision = run(processor, delivery())
+    assert isinstance(decision, Requeue) and pabx.requests == []
     assert processor.store_breaker.state is not CircuitState.CLOSED
+
+
+def test_a_poisoned_command_ends_even_while_the_store_is_down(clock: Clock) -> None:
+    class Down(MemoryStore):
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise StoreError("down")
+
+    pabx = FakePabx()
+    processor = make(pabx, clock, Down(clock=clock), delivery_limit=3)
+    decision = run(processor, delivery(redelivered=True, delivery_count=2))
+    assert isinstance(decision, Finish) and decision.status is Status.FAILED
+    assert decision.error is not None and decision.error.code == "poison_message"
+    assert pabx.requests == []
+
+
+def test_an_unexpected_error_gives_the_command_back_instead_of_killing_the_thread(
+    clock: Clock,
+) -> None:
+    class Broken(MemoryStore):
+        def claim(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+    decision = run(make(FakePabx(), clock, Broken(clock=clock)), delivery())
+    assert decision == Requeue("handling failed")
 
 
 @pytest.mark.parametrize("user_id", [None, "intruder"])

@@ -22,7 +22,7 @@ from typing import IO, Any, Protocol
 
 from pydantic import ValidationError
 
-from worker.errors import InvalidCommand, PabxWorkerError
+from worker.errors import BatchFileError, InvalidCommand
 from worker.messages import fingerprint, parse_json
 from worker.models import MAX_COMMAND_BYTES, RedirectBody, RedirectCommand
 from worker.producer import Outgoing, Producer
@@ -60,10 +60,6 @@ RESULT_COLUMNS = ("command_id", "status", "error_code", "attempts")
 DERIVED_PREFIX = "batch-"
 _DIGITS = re.compile(r"[0-9]+")
 _BOM = "\ufeff"
-
-
-class BatchFileError(PabxWorkerError):
-    """The file as a whole cannot be used (unreadable, unknown format, bad CSV header)."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Broker connections: TLS, failover across several URLs, and one place that maps AMQP errors.
+"""Broker connections: TLS, failover across several URLs, and the mapping of broker errors.
 
 :func:`connect` is the boundary where kombu, py-amqp and ``ssl`` errors met while opening a
 connection become ours (SPEC §1: a refused user or vhost and a malformed URL are configuration
@@ -29,6 +29,12 @@ would bypass these rules, so the files come from the settings only.
 Several ``;``-separated URLs are a failover list: each is tried once, in turn, and the first
 that connects wins. A permanent failure is raised only when none connected, so one node with a
 bad certificate does not stop a worker the others can serve.
+
+On an open connection, broker operations run inside :func:`broker_errors`, which maps what
+py-amqp, kombu and the socket layer raise by the table :data:`BROKER_ERROR_MAP`::
+
+    with broker_errors():
+        channel = connection.channel()
 """
 
 from __future__ import annotations
@@ -37,9 +43,10 @@ import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from amqp.exceptions import (
@@ -55,7 +62,17 @@ from kombu import Connection
 from worker.errors import BrokerError, ConfigurationError, PabxWorkerError
 from worker.settings import ENV_PREFIX
 
-__all__ = ["Target", "TlsFiles", "broker_call", "connect", "parse_urls", "where"]
+__all__ = [
+    "BROKER_ERROR_MAP",
+    "ErrorMapping",
+    "Target",
+    "TlsFiles",
+    "broker_errors",
+    "connect",
+    "home_node_down",
+    "parse_urls",
+    "where",
+]
 
 log = logging.getLogger("pabx_worker.broker")
 
@@ -73,21 +90,79 @@ CONNECT_TIMEOUT_S = 5
 ALERT_WAIT_S = 1.0
 
 
-def broker_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a broker operation, mapping connection failures to BrokerError."""
+#: What RabbitMQ's reply text says of a classic queue whose cluster node is down, as in
+#: ``NOT_FOUND - home node 'rabbit@n2' of durable queue 'q' in vhost '/' is down or inaccessible``.
+HOME_NODE_TEXT = "home node"
+
+
+def home_node_down(exc: BaseException) -> bool:
+    """A 404 NOT_FOUND for a classic queue whose cluster node is down, not a missing queue.
+
+    RabbitMQ answers a declare of, or a get from, such a queue with reply code 404 and a text
+    naming its "home node" (HOME_NODE_TEXT). The queue comes back with its node, so this is
+    an outage of the broker to back off from (BrokerError), unlike a queue that does not
+    exist. py-amqp raises every 404 as NotFound, with ``reply_code`` 404.
+    """
+    return (
+        isinstance(exc, NotFound)
+        and exc.reply_code == NotFound.code
+        and HOME_NODE_TEXT in str(exc.reply_text or "")
+    )
+
+
+class ErrorMapping(NamedTuple):
+    """One row of BROKER_ERROR_MAP: ``raised`` (when ``when`` holds of it) becomes ``to``."""
+
+    raised: type[Exception]
+    to: type[PabxWorkerError]
+    when: Callable[[Exception], bool] | None = None
+
+
+#: How :func:`broker_errors` maps what py-amqp, kombu and the socket layer raise: the first
+#: row that matches wins, so the most specific come first. Whatever no row matches is raised
+#: unchanged: the other channel errors (AccessRefused, NotFound, PreconditionFailed ...),
+#: which callers such as :class:`worker.topology.Topology` turn into ConfigurationError or
+#: which mean a bug, kombu's own errors, and py-amqp's MessageNacked.
+BROKER_ERROR_MAP: tuple[ErrorMapping, ...] = (
+    # 404 for a classic queue whose node is down: it comes back with the node.
+    ErrorMapping(NotFound, BrokerError, when=home_node_down),
+    # 311 ContentTooLarge, 313 NoConsumers, 405 ResourceLocked: the channel closed.
+    ErrorMapping(RecoverableChannelError, BrokerError),
+    # 320 ConnectionForced, 506 ResourceError, Blocked, ConsumerCancelled.
+    ErrorMapping(RecoverableConnectionError, BrokerError),
+    # Every other connection-level error (402, 501-505, 530, 540, 541; kombu's
+    # InconsistencyError): the broker closed the connection.
+    ErrorMapping(AmqpConnectionError, BrokerError),
+    # Refused, reset, timed out, DNS, TLS (ssl.SSLError is an OSError): the line is gone.
+    ErrorMapping(OSError, BrokerError),
+)
+
+
+@contextlib.contextmanager
+def broker_errors() -> Iterator[None]:
+    """Map the broker errors the block raises to ours, by BROKER_ERROR_MAP::
+
+        with broker_errors():
+            channel = connection.channel()
+
+    The new error's message is the original's class name and text, and the original is its
+    ``__cause__``. An error no row maps is raised unchanged.
+    """
     try:
-        return fn(*args, **kwargs)
-    except (
-        OSError,
-        AmqpConnectionError,
-        RecoverableConnectionError,
-        RecoverableChannelError,
-    ) as exc:
-        raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
-    except NotFound as exc:
-        if "home node" not in str(exc):  # a classic queue whose cluster node is down
+        yield
+    except Exception as exc:
+        mapped = _broker_error(exc)
+        if mapped is None:
             raise
-        raise BrokerError(f"{type(exc).__name__}: {exc}") from exc
+        raise mapped from exc
+
+
+def _broker_error(exc: Exception) -> PabxWorkerError | None:
+    """Our error for ``exc`` by the first row of BROKER_ERROR_MAP it matches; None if none."""
+    for row in BROKER_ERROR_MAP:
+        if isinstance(exc, row.raised) and (row.when is None or row.when(exc)):
+            return row.to(f"{type(exc).__name__}: {exc}")
+    return None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from worker.errors import BrokerError, ConfigurationError, InvalidCommand, PabxWorkerError
+from worker.errors import (
+    BatchFileError,
+    BrokerError,
+    ConfigurationError,
+    InvalidCommand,
+    PabxWorkerError,
+)
 from worker.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
@@ -193,7 +199,7 @@ def batch(
     config: ConfigOption = None,
 ) -> None:
     """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
-    from worker.batch import BatchFileError, load_batch
+    from worker.batch import load_batch
 
     if wait < 0:
         raise _fail(2, "--wait: must be 0 or more seconds")

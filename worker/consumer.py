@@ -22,14 +22,15 @@ from typing import Any
 from kombu import Connection
 
 from worker import headers as hdr
-from worker.broker import broker_call, connect, where
+from worker.broker import broker_errors, connect, where
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
-from worker.messages import Delivery, header_count, raw_event_id
+from worker.messages import Delivery, header_count
+from worker.models import ErrorInfo
 from worker.observability import CIRCUIT_VALUES, Metrics
 from worker.outcomes import CONTENT_TYPE, routing_key_for
-from worker.pipeline import Action, Decision, Prepared, Processor
+from worker.pipeline import Decision, Finish, Prepared, Processor, Requeue, Retry
 from worker.publisher import ConfirmingPublisher, Publication
 from worker.settings import Settings
 from worker.topology import Topology
@@ -70,8 +71,21 @@ class _Job:
     session: int
     delivery_tag: int
     prepared: Prepared
-    decision: Decision | None = None
+    decision: Decision = field(default_factory=lambda: Requeue("not handled"))
     received: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class _Fate:
+    """What the connection thread does with a delivery once it is decided.
+
+    Every publication is published with confirms; the delivery is acked once all are
+    confirmed, and given back to the broker if one is not. With ``requeue``, it is given
+    back at once.
+    """
+
+    publications: tuple[Publication, ...] = ()
+    requeue: bool = False
 
 
 @dataclass
@@ -172,17 +186,9 @@ class Worker:
     # -- called from worker threads -----------------------------------------------------
 
     def _execute(self, job: _Job) -> None:
-        """Handle one command; while the store is down, hold it here (no retry queue)."""
+        """Decide one command's fate on a worker thread (never raises)."""
         try:
-            while job.decision is None:
-                try:
-                    job.decision = self._processor.execute(job.prepared)
-                except StoreError as exc:
-                    log.warning("store unavailable; command held", extra={"error": str(exc)})
-                    if not self._processor.wait_for_store():
-                        return  # stopping: the broker gets it back
-        except Exception:
-            log.exception("command handling failed", extra={"command_id": job.prepared.command_id})
+            job.decision = self._processor.execute(job.prepared)
         finally:
             self._done.put(job)
 
@@ -200,14 +206,18 @@ class _Session:
         self.prefetch = 0
 
     def run(self) -> None:
-        declare_channel = broker_call(self.connection.channel)
-        broker_call(self.worker._topology.declare, declare_channel)
-        self.channel = broker_call(self.connection.channel)
+        with broker_errors():
+            declare_channel = self.connection.channel()
+            self.worker._topology.declare(declare_channel)
+            self.channel = self.connection.channel()
         # Keep bodies as bytes: py-amqp would turn a body whose content_encoding names a
         # codec (utf-8, latin-1 ...) into str, which the pipeline cannot take.
         self.channel.auto_decode = False
-        self.publisher = ConfirmingPublisher(broker_call(self.connection.channel))
-        broker_call(self._loop)
+        with broker_errors():
+            publisher_channel = self.connection.channel()
+        self.publisher = ConfirmingPublisher(publisher_channel)
+        with broker_errors():
+            self._loop()
 
     def _loop(self) -> None:
         worker = self.worker
@@ -284,7 +294,7 @@ class _Session:
 
     def _on_message(self, message: Any) -> None:
         delivery = _to_delivery(message)
-        prepared = _prepare(self.worker._processor, delivery)
+        prepared = self.worker._processor.prepare(delivery)
         issued = prepared.command.issued_at if prepared.command else None
         if (since := issued or delivery.timestamp) is not None:
             waited = time.time() - since.timestamp()
@@ -301,28 +311,33 @@ class _Session:
             self.worker.state.in_flight -= 1
             if job.session != self.session:
                 continue  # from a lost connection: the broker redelivers that message
-            if job.decision is None:
-                self.channel.basic_reject(job.delivery_tag, requeue=True)
-                continue
-            self._carry_out(job, job.decision)
+            self._carry_out(job)
 
-    def _carry_out(self, job: _Job, decision: Decision) -> None:
-        publications = _publications(self.settings, self.worker._topology, job, decision)
-        pending = _Unacked(len(publications))
-        self.unacked[job.delivery_tag] = pending
+    def _carry_out(self, job: _Job) -> None:
+        fate = _fate(self.settings, self.worker._topology, job)
         tag = job.delivery_tag
-        for publication in publications:
+        if fate.requeue:
+            self.channel.basic_reject(tag, requeue=True)
+            return
+        self.unacked[tag] = _Unacked(len(fate.publications))
+        for publication in fate.publications:
             self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
-        self._account(job, decision)
+        self._account(job)
 
-    def _account(self, job: _Job, decision: Decision) -> None:
+    def _account(self, job: _Job) -> None:
         """Metrics and the one log line per handled command."""
-        key = decision.status.value if decision.status else decision.action.value
+        code, attempts, duplicate = None, 0, False
+        match job.decision:
+            case Finish() as finish:
+                key, attempts, duplicate = finish.status.value, finish.attempts, finish.duplicate
+                code = finish.error.code if finish.error else None
+                self.worker.metrics.commands.labels(key, str(duplicate).lower()).inc()
+            case Retry() as retry:
+                key, attempts = "retry", retry.attempts
+                self.worker.metrics.retries.inc()
+            case Requeue():
+                return
         self.worker.state.handled[key] = self.worker.state.handled.get(key, 0) + 1
-        if decision.status is None:
-            self.worker.metrics.retries.inc()
-        else:
-            self.worker.metrics.commands.labels(key, str(decision.duplicate).lower()).inc()
         command = job.prepared.command
         log.info(
             "command %s",
@@ -331,9 +346,9 @@ class _Session:
                 "command_id": job.prepared.command_id,
                 "ID_CHAMADA": command.redirect.ID_CHAMADA if command else None,
                 "status": key,
-                "error_code": decision.error.code if decision.error else None,
-                "attempt": decision.attempts,
-                "duplicate": decision.duplicate,
+                "error_code": code,
+                "attempt": attempts,
+                "duplicate": duplicate,
                 "duration_ms": round((time.monotonic() - job.received) * 1000, 1),
             },
         )
@@ -390,21 +405,21 @@ def _tolerate_non_utf8_properties() -> None:
     serialization.PROPERTY_CLASSES[Basic.CLASS_ID] = decode
 
 
-def _prepare(processor: Processor, delivery: Delivery) -> Prepared:
-    """``processor.prepare``, which must not raise: if it does, reject the message, don't die."""
-    try:
-        return processor.prepare(delivery)
-    except Exception as exc:
-        log.exception("could not decode a message")
-        return Prepared(
-            delivery,
-            raw_event_id(delivery.body),
-            None,
-            invalid=f"the message could not be decoded ({type(exc).__name__})",
-        )
-
-
 def _to_delivery(message: Any) -> Delivery:
+    """The message as the pipeline sees it; never raises.
+
+    Properties that cannot be read (a bug, not bad input: each one is handled below) give
+    a delivery with the body only, which then ends ``rejected`` like any unusable command.
+    """
+    try:
+        return _read_delivery(message)
+    except Exception:
+        log.exception("could not read a message's properties")
+        body = message.body if isinstance(message.body, bytes | bytearray) else b""
+        return Delivery(body=bytes(body))
+
+
+def _read_delivery(message: Any) -> Delivery:
     props = message.properties
     headers = props.get("application_headers") or {}
     stamp = props.get("timestamp")
@@ -437,38 +452,49 @@ def _body_bytes(body: Any, encoding: str | None) -> bytes:
     if isinstance(body, str):
         try:
             return body.encode(encoding or "utf-8", "surrogateescape")
-        except (LookupError, UnicodeError):
+        except (LookupError, ValueError):  # unknown codec; a name with a NUL is a ValueError
             return body.encode("utf-8", "surrogatepass")
     return bytes(body)
 
 
-def _publications(
-    settings: Settings, topology: Topology, job: _Job, decision: Decision
-) -> list[Publication]:
+def _fate(settings: Settings, topology: Topology, job: _Job) -> _Fate:
+    """What becomes of a delivery, from its decision: the one place that says so."""
     delivery = job.prepared.delivery
-    if decision.action is Action.RETRY:
-        return [_retry_copy(topology, delivery, decision)]
-    assert decision.event is not None and decision.status is not None
+    match job.decision:
+        case Requeue():
+            return _Fate(requeue=True)
+        case Retry() as retry:
+            return _Fate((_retry_copy(topology, delivery, retry),))
+        case Finish() as finish:
+            return _Fate(tuple(_outcome_publications(settings, topology, job.prepared, finish)))
+    raise TypeError(f"not a decision: {job.decision!r}")  # pragma: no cover
+
+
+def _outcome_publications(
+    settings: Settings, topology: Topology, prepared: Prepared, finish: Finish
+) -> list[Publication]:
+    """The outcome event, a reply if asked for, and the parked copy of a failure."""
+    delivery = prepared.delivery
     props = {
         "content_type": CONTENT_TYPE,
-        "message_id": job.prepared.event_id,
-        "correlation_id": delivery.correlation_id or job.prepared.command_id,
+        "message_id": prepared.event_id,
+        "correlation_id": delivery.correlation_id or prepared.command_id,
         "timestamp": int(time.time()),
     }
     props = {k: v for k, v in props.items() if v is not None}
     result = [
         Publication(
-            decision.event,
+            finish.event,
             settings.results_exchange,
-            routing_key_for(decision.status),
+            routing_key_for(finish.status),
             props,
             mandatory=True,
         )
     ]
     if delivery.reply_to and _may_reply_to(settings, topology, delivery.reply_to):
-        result.append(Publication(decision.event, "", delivery.reply_to, props))
-    if decision.park and not decision.duplicate:
-        result.append(_parked_copy(settings, delivery, decision))
+        result.append(Publication(finish.event, "", delivery.reply_to, props))
+    if finish.park and finish.error is not None and not finish.duplicate:
+        result.append(_parked_copy(settings, delivery, finish, finish.error))
     return result
 
 
@@ -500,7 +526,7 @@ def _original_properties(delivery: Delivery, headers: dict[str, Any]) -> dict[st
     return {k: v for k, v in props.items() if v is not None}
 
 
-def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> Publication:
+def _retry_copy(topology: Topology, delivery: Delivery, decision: Retry) -> Publication:
     steps = sorted(topology.retry_queues)
     delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
     headers = _copied_headers(delivery)
@@ -515,22 +541,23 @@ def _retry_copy(topology: Topology, delivery: Delivery, decision: Decision) -> P
     )
 
 
-def _parked_copy(settings: Settings, delivery: Delivery, decision: Decision) -> Publication:
-    assert decision.error is not None
+def _parked_copy(
+    settings: Settings, delivery: Delivery, decision: Finish, error: ErrorInfo
+) -> Publication:
     headers = _copied_headers(delivery)
     headers.update(
         {
-            hdr.ERROR_CODE: decision.error.code,
-            hdr.ERROR: decision.error.message[:MAX_REASON_CHARS],
+            hdr.ERROR_CODE: error.code.value,
+            hdr.ERROR: error.message[:MAX_REASON_CHARS],
             hdr.ATTEMPTS: decision.attempts,
-            hdr.STATUS: decision.status.value if decision.status else "",
+            hdr.STATUS: decision.status.value,
             hdr.PARKED_AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
         }
     )
     return Publication(
         delivery.body,
         settings.dead_exchange,
-        f"{settings.routing_key}.{decision.error.code}",
+        f"{settings.routing_key}.{error.code.value}",
         _original_properties(delivery, headers),
         mandatory=True,
     )

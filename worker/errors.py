@@ -7,6 +7,7 @@ mapped to these at the boundary that met them::
     PabxWorkerError
     ├── ConfigurationError          bad setting, topology mismatch (exit 2)
     ├── InvalidCommand              a command that can never succeed as sent
+    ├── BatchFileError              a batch file unusable as a whole (exit 2)
     ├── PabxError                   the PABX answered badly or not at all
     │   ├── PabxTransientError      may succeed later
     │   │   ├── PabxUnreachable     not sent: refused, DNS, TLS handshake cut short, connect
@@ -31,6 +32,7 @@ from __future__ import annotations
 from worker.models import ErrorCode
 
 __all__ = [
+    "BatchFileError",
     "BrokerError",
     "CircuitOpen",
     "ConfigurationError",
@@ -69,6 +71,10 @@ class InvalidCommand(PabxWorkerError):
     """The message is not a valid redirect command."""
 
     code: ErrorCode = ErrorCode.INVALID_COMMAND
+
+
+class BatchFileError(PabxWorkerError):
+    """A batch file as a whole cannot be used (unreadable, unknown format, bad CSV header)."""
 
 
 class PabxError(PabxWorkerError):

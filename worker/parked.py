@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker import headers as hdr
-from worker.broker import broker_call
+from worker.broker import broker_errors
 from worker.messages import Delivery, readable_command_id, replay_generation
 from worker.producer import Outgoing, Producer, raw_body
 
@@ -331,7 +331,8 @@ class ParkedQueue:
         return channel
 
     def _depth(self, channel: Any) -> int:
-        _, count, _ = broker_call(channel.queue_declare, self.queue, passive=True)
+        with broker_errors():
+            _, count, _ = channel.queue_declare(self.queue, passive=True)
         return int(count)
 
     def _read(self, channel: Any, at_most: int) -> Iterator[ParkedMessage]:
@@ -343,7 +344,8 @@ class ParkedQueue:
         Returned all together, they keep their order.
         """
         for position in range(1, at_most + 1):
-            message = broker_call(channel.basic_get, self.queue, no_ack=False)
+            with broker_errors():
+                message = channel.basic_get(self.queue, no_ack=False)
             if message is None:
                 return
             yield ParkedMessage.from_amqp(message, position)

@@ -1,8 +1,10 @@
 """The path of one command: decode → validate → claim → deadline → pace → mark sent → PABX → record.
 
-:class:`Processor` is plain logic: the PABX client and the store are passed in,
-and the result is a :class:`Decision` that the consumer carries out
-(publish, park, delay, then ack). Nothing here imports an AMQP library.
+:class:`Processor` is plain logic: the PABX client and the store are passed in.
+:meth:`Processor.prepare` turns a delivery into a :data:`Prepared` (:class:`Valid` or
+:class:`Unusable`) and :meth:`Processor.execute` turns that into the one
+:data:`Decision` about it (:class:`Finish`, :class:`Retry` or :class:`Requeue`), which the
+consumer carries out. Neither raises. Nothing here imports an AMQP library.
 
 What may be sent again (SPEC §5): a failure where the request never reached the
 PABX (:class:`~worker.errors.PabxUnreachable`: refused, connect timeout, 429, 503)
@@ -24,8 +26,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from enum import StrEnum
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from tenacity import (
     RetryError,
@@ -60,13 +61,24 @@ from worker.messages import (
     readable_command_id,
     replay_generation,
 )
-from worker.models import ErrorInfo, PabxInfo, RedirectCommand, Status
+from worker.models import ErrorCode, ErrorInfo, PabxInfo, RedirectCommand, Status
 from worker.outcomes import as_duplicate, build_event, encode
 from worker.ratelimit import FleetRateLimit
 from worker.settings import PabxTarget, Settings
 from worker.store.base import RETENTION_S, CallRef, Claim, ClaimState, SendState, Store
 
-__all__ = ["Action", "Decision", "PabxClient", "Policy", "Prepared", "Processor"]
+__all__ = [
+    "Decision",
+    "Finish",
+    "PabxClient",
+    "Policy",
+    "Prepared",
+    "Processor",
+    "Requeue",
+    "Retry",
+    "Unusable",
+    "Valid",
+]
 
 log = logging.getLogger("pabx_worker.pipeline")
 
@@ -84,28 +96,39 @@ class PabxClient(Protocol):
     def redirect(self, target: PabxTarget, channel_id: int, body: Mapping[str, str]) -> int: ...
 
 
-class Action(StrEnum):
-    """What the consumer does with a delivery once it is handled."""
+@dataclass(frozen=True)
+class Finish:
+    """The command has its outcome: publish the event (and a parked copy), then ack."""
 
-    #: Publish the outcome (and a parked copy for rejected/failed), then ack.
-    FINISH = "finish"
-    #: Publish the command to a broker-held retry queue, then ack.
-    RETRY = "retry"
+    event: bytes
+    status: Status
+    command_id: str | None
+    error: ErrorInfo | None = None
+    attempts: int = 0
+    #: Publish a copy of the command to the parked queue (never for a duplicate).
+    park: bool = False
+    #: The outcome was recorded before: ``event`` is that outcome, marked duplicate.
+    duplicate: bool = False
 
 
 @dataclass(frozen=True)
-class Decision:
-    """The result of handling one delivery."""
+class Retry:
+    """Not done yet: publish the command to the retry queue nearest ``delay_s``, then ack."""
 
-    action: Action
-    event: bytes | None = None
-    status: Status | None = None
-    error: ErrorInfo | None = None
-    attempts: int = 0
-    park: bool = False
-    duplicate: bool = False
-    delay_s: float = 0.0
-    command_id: str | None = None
+    delay_s: float
+    attempts: int
+    command_id: str | None
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Not handled here (the worker is stopping, or handling failed): the broker redelivers it."""
+
+    reason: str
+
+
+#: What becomes of one delivery.
+Decision: TypeAlias = Finish | Retry | Requeue
 
 
 @dataclass(frozen=True)
@@ -140,28 +163,48 @@ class Policy:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A delivery after the CPU-only steps: decoded, validated, identified."""
+class Valid:
+    """A command that can be carried out: decoded, validated, its target known."""
 
     delivery: Delivery
     event_id: str
-    command_id: str | None
-    command: RedirectCommand | None = None
-    fingerprint: str = ""
-    target_name: str = "default"
-    #: Why the command cannot be carried out as sent, and the outcome's error code.
-    invalid: str | None = None
-    invalid_code: str = "invalid_command"
+    command_id: str
+    command: RedirectCommand
+    fingerprint: str
     #: The lease token this delivery claims with: a claim repeated after a store outage
     #: (its first answer lost) finds its own lease instead of a busy one.
     claim_token: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
-    def call_key(self) -> str | None:
+    def target_name(self) -> str:
+        return self.command.pabx
+
+    @property
+    def call_key(self) -> str:
         """Commands with the same key (``pabx:ID_CHAMADA``) are sent one at a time, in order."""
-        if self.command is None:
-            return None
         return f"{self.command.pabx}:{self.command.redirect.ID_CHAMADA}"
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A delivery that can never be carried out as sent; it ends ``rejected``."""
+
+    delivery: Delivery
+    event_id: str
+    command_id: str | None
+    #: Why, for the outcome's error message.
+    reason: str
+    code: ErrorCode = ErrorCode.INVALID_COMMAND
+    #: The command, when it was valid but may not be carried out (``producer_not_allowed``).
+    command: RedirectCommand | None = None
+
+    @property
+    def call_key(self) -> None:
+        return None
+
+
+#: A delivery after the CPU-only steps.
+Prepared: TypeAlias = Valid | Unusable
 
 
 class Processor:
@@ -205,33 +248,41 @@ class Processor:
     def prepare(self, delivery: Delivery) -> Prepared:
         """Decode and validate; never raises."""
         try:
+            return self._prepare(delivery)
+        except Exception as exc:  # a bug, not bad input: reject the message, do not die
+            log.exception("could not decode a message")
+            return Unusable(
+                delivery,
+                raw_event_id(delivery.body),
+                None,
+                f"the message could not be decoded ({type(exc).__name__})",
+            )
+
+    def _prepare(self, delivery: Delivery) -> Prepared:
+        try:
             command = decode_command(delivery)
             self._check_resolvable(command)
             command_id = _known(command.command_id)
         except InvalidCommand as exc:
             readable = readable_command_id(delivery)
-            return Prepared(
-                delivery, raw_event_id(delivery.body, readable), readable, invalid=str(exc)
-            )
+            return Unusable(delivery, raw_event_id(delivery.body, readable), readable, str(exc))
         refusal = self._producer_refusal(command, delivery.user_id)
         if refusal is not None:  # not recorded: the id stays free for an allowed producer
-            return Prepared(
+            return Unusable(
                 delivery,
                 raw_event_id(delivery.body, command_id),
                 command_id,
+                refusal,
+                ErrorCode.PRODUCER_NOT_ALLOWED,
                 command,
-                target_name=command.pabx,
-                invalid=refusal,
-                invalid_code="producer_not_allowed",
             )
         body_fp = fingerprint(command)
-        return Prepared(
+        return Valid(
             delivery,
             event_id_for(command_id, body_fp, replay_generation(delivery.headers)),
             command_id,
             command,
             body_fp,
-            command.pabx,
         )
 
     def _producer_refusal(self, command: RedirectCommand, user_id: str | None) -> str | None:
@@ -298,89 +349,103 @@ class Processor:
     # -- I/O part, run on a worker thread ----------------------------------------------
 
     def execute(self, prepared: Prepared) -> Decision:
-        """Carry the command through; raises StoreError when the store is down at the claim."""
-        poisoned = prepared.delivery.delivery_count >= self._policy.delivery_limit - 1
-        command, command_id = prepared.command, prepared.command_id
-        if prepared.invalid is not None or command is None or command_id is None:
-            return self._reject_unusable(prepared, poisoned)
-        now = self._clock()
+        """Decide what becomes of one delivery; never raises.
+
+        While the store does not answer at the claim, the command waits here rather than
+        in a retry queue (the consumer pauses meanwhile); a worker stopping then, or an
+        unexpected error, gives the delivery back to the broker.
+        """
         try:
-            claim = self._store.claim(
-                command_id,
-                prepared.fingerprint,
-                now=now,
-                lease_s=self._policy.lease_s,
-                token=prepared.claim_token,
-            )
+            match prepared:
+                case Unusable():
+                    poison = _poison(prepared, self._policy.delivery_limit)
+                    if poison is not None:
+                        return self._finish(prepared, *poison)
+                    return self._finish(prepared, Status.REJECTED, prepared.code, prepared.reason)
+                case Valid():
+                    return self._execute(prepared)
         except StoreError:
-            if not poisoned:
-                self.store_breaker.failure()
-                raise
-            return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
-        self.store_breaker.success()
+            return Requeue("the store does not answer and the worker is stopping")
+        except Exception:
+            log.exception("command handling failed", extra={"command_id": prepared.command_id})
+            return Requeue("handling failed")
+
+    def _execute(self, prepared: Valid) -> Decision:
+        # Past the delivery limit, a command gets its one outcome: failed, poison_message
+        # (recorded when the claim is ours), unless it is already done or in conflict.
+        poison = _poison(prepared, self._policy.delivery_limit)
+        claimed = self._claim(prepared, poison)
+        if not isinstance(claimed, Claim):
+            return claimed
+        claim, now, command_id = claimed, self._clock(), prepared.command_id
         if claim.state is ClaimState.DONE and self._replayed_after(prepared, claim):
             claim = self._durably(
                 lambda: self._store.reopen(
-                    command_id, claim.outcome or b"", now=now, lease_s=self._policy.lease_s
+                    command_id, claimed.outcome or b"", now=now, lease_s=self._policy.lease_s
                 )
             )
         match claim.state:
             case ClaimState.DONE:
-                return self._replay(prepared, claim.outcome or b"")
+                return self._duplicate(prepared, claim.outcome or b"")
             case ClaimState.CONFLICT:
                 return self._finish(
                     prepared,
                     Status.REJECTED,
-                    "idempotency_conflict",
+                    ErrorCode.IDEMPOTENCY_CONFLICT,
                     "an earlier command with this command_id had a different body",
                 )
+            case ClaimState.BUSY if poison is not None:
+                return self._finish(prepared, *poison)
             case ClaimState.BUSY:
-                if poisoned:
-                    return self._finish(
-                        prepared, Status.FAILED, "poison_message", _poison(prepared)
-                    )
                 wait = (claim.lease_until or now) - now
-                return Decision(
-                    Action.RETRY,
-                    delay_s=max(wait, 0.0),
-                    command_id=command_id,
-                    attempts=claim.attempts,
-                )
+                return Retry(max(wait, 0.0), claim.attempts, command_id)
         token = claim.token or ""
-        if poisoned:  # its one outcome, recorded now that the claim is ours
-            return self._record(
-                prepared, token, Status.FAILED, "poison_message", _poison(prepared), claim.attempts
-            )
+        if poison is not None:
+            return self._record(prepared, token, *poison, claim.attempts)
         with self._leases.holding(command_id, token):
-            return self._send(prepared, command, claim, token, now)
+            return self._send(prepared, claim, token, now)
 
-    def _reject_unusable(self, prepared: Prepared, poisoned: bool) -> Decision:
-        if poisoned:
-            return self._finish(prepared, Status.FAILED, "poison_message", _poison(prepared))
-        return self._finish(
-            prepared, Status.REJECTED, prepared.invalid_code, prepared.invalid or "invalid"
-        )
+    def _claim(self, prepared: Valid, poison: _Ending | None) -> Claim | Decision:
+        """Claim the command; while the store is down, wait for it (a poisoned one ends)."""
+        while True:
+            try:
+                claim = self._store.claim(
+                    prepared.command_id,
+                    prepared.fingerprint,
+                    now=self._clock(),
+                    lease_s=self._policy.lease_s,
+                    token=prepared.claim_token,
+                )
+            except StoreError as exc:
+                self.store_breaker.failure()
+                if poison is not None:
+                    return self._finish(prepared, *poison)
+                log.warning("store unavailable; command held", extra={"error": str(exc)})
+                if not self.wait_for_store():
+                    raise
+                continue
+            self.store_breaker.success()
+            return claim
 
     @staticmethod
-    def _replayed_after(prepared: Prepared, claim: Claim) -> bool:
+    def _replayed_after(prepared: Valid, claim: Claim) -> bool:
         """An operator replayed a command that did not end accepted: it may go out again."""
         if claim.outcome is None or replay_generation(prepared.delivery.headers) == 0:
             return False
         stored = json.loads(claim.outcome)
         return bool(stored["id"] != prepared.event_id and stored["data"]["status"] != "accepted")
 
-    def _replay(self, prepared: Prepared, outcome: bytes) -> Decision:
+    def _duplicate(self, prepared: Valid, outcome: bytes) -> Finish:
+        """Answer a command already done with its recorded outcome, marked duplicate."""
         data = _stored_data(outcome)
         error = ErrorInfo.model_validate(data["error"]) if data.get("error") else None
-        return Decision(
-            Action.FINISH,
-            event=as_duplicate(outcome),
-            status=Status(data["status"]),
-            error=error,
-            attempts=int(data["attempts"]),
-            park=False,
+        return Finish(
+            as_duplicate(outcome),
+            Status(data["status"]),
+            prepared.command_id,
+            error,
+            int(data["attempts"]),
             duplicate=True,
-            command_id=prepared.command_id,
         )
 
     def _deadline(self, command: RedirectCommand, delivery: Delivery, first_seen: float) -> float:
@@ -394,28 +459,24 @@ class Processor:
         return first_seen + ttl.total_seconds()
 
     @staticmethod
-    def _call(prepared: Prepared, command: RedirectCommand, first_seen: float) -> CallRef:
+    def _call(prepared: Valid, first_seen: float) -> CallRef:
         """The call and this command's place in its issue order (SPEC §5)."""
-        issued = command.issued_at or prepared.delivery.timestamp
+        issued = prepared.command.issued_at or prepared.delivery.timestamp
         order = issued.timestamp() if issued is not None else first_seen
-        return CallRef(prepared.call_key or "", order)
+        return CallRef(prepared.call_key, order)
 
-    def _send(
-        self, prepared: Prepared, command: RedirectCommand, claim: Claim, token: str, now: float
-    ) -> Decision:
-        deadline = self._deadline(command, prepared.delivery, claim.first_seen)
+    def _send(self, prepared: Valid, claim: Claim, token: str, now: float) -> Decision:
+        deadline = self._deadline(prepared.command, prepared.delivery, claim.first_seen)
         if now >= deadline:
             return self._record(
                 prepared,
                 token,
                 Status.EXPIRED,
-                "expired",
+                ErrorCode.EXPIRED,
                 "the deadline passed before the command could be sent",
                 claim.attempts,
             )
-        attempt = _Attempt(
-            self, prepared, command, token, self._call(prepared, command, claim.first_seen)
-        )
+        attempt = _Attempt(self, prepared, token, self._call(prepared, claim.first_seen))
         attempt.attempts = claim.attempts
         attempt.deadline = deadline
         retrying = Retrying(
@@ -460,7 +521,7 @@ class Processor:
             return True
         return isinstance(exc, PabxOutcomeUnknown) and self._policy.retry_ambiguous
 
-    def _stopped(self, prepared: Prepared, token: str, stop: _Stopped, attempts: int) -> Decision:
+    def _stopped(self, prepared: Valid, token: str, stop: _Stopped, attempts: int) -> Decision:
         """A reason not to send found before the request went out."""
         command_id = prepared.command_id
         match stop:
@@ -468,35 +529,26 @@ class Processor:
                 # Another worker took the command over (or finished it): it is theirs now.
                 # Come back later through the broker and replay whatever they recorded.
                 log.warning("lease lost before sending", extra={"command_id": command_id})
-                return Decision(
-                    Action.RETRY,
-                    delay_s=self._policy.retry_delays_s[0],
-                    attempts=attempts,
-                    command_id=command_id,
-                )
+                return Retry(self._policy.retry_delays_s[0], attempts, command_id)
             case _Superseded(newer=newer):
                 return self._record(
                     prepared,
                     token,
                     Status.REJECTED,
-                    "superseded",
+                    ErrorCode.SUPERSEDED,
                     f"a newer command for this call was already sent: {newer}",
                     attempts,
                     park=False,
                 )
             case _PastDeadline(reason=reason):
-                return self._record(prepared, token, Status.EXPIRED, "expired", reason, attempts)
+                return self._record(
+                    prepared, token, Status.EXPIRED, ErrorCode.EXPIRED, reason, attempts
+                )
             case _CallBusy(until=until):
-                self._durably(
-                    lambda: self._store.release(_known(command_id), token, now=self._clock())
-                )
-                return Decision(
-                    Action.RETRY,
-                    delay_s=max(until - self._clock(), self._policy.retry_delays_s[0]),
-                    attempts=attempts,
-                    command_id=command_id,
-                )
-        raise AssertionError(f"unhandled stop {stop!r}")  # pragma: no cover
+                self._durably(lambda: self._store.release(command_id, token, now=self._clock()))
+                delay = max(until - self._clock(), self._policy.retry_delays_s[0])
+                return Retry(delay, attempts, command_id)
+        raise TypeError(f"unhandled stop {stop!r}")  # pragma: no cover
 
     def _call_pabx(self, target_name: str, channel_id: int, body: dict[str, str]) -> int:
         breaker = self.breakers[target_name]
@@ -512,9 +564,9 @@ class Processor:
         return status_code
 
     def _after_transient(
-        self, prepared: Prepared, token: str, exc: BaseException, attempts: int, deadline: float
+        self, prepared: Valid, token: str, exc: BaseException, attempts: int, deadline: float
     ) -> Decision:
-        command_id = _known(prepared.command_id)
+        command_id = prepared.command_id
         error = exc if isinstance(exc, PabxError) else PabxUnreachable(str(exc))
         if attempts >= self._policy.max_attempts:
             return self._record(
@@ -532,7 +584,7 @@ class Processor:
                 prepared,
                 token,
                 Status.EXPIRED,
-                "expired",
+                ErrorCode.EXPIRED,
                 f"the deadline passed while the PABX failed: {error}",
                 attempts,
                 error.status_code,
@@ -552,7 +604,7 @@ class Processor:
                 "error": str(error),
             },
         )
-        return Decision(Action.RETRY, delay_s=delay, attempts=attempts, command_id=command_id)
+        return Retry(delay, attempts, command_id)
 
     def _vendor_body(self, command: RedirectCommand) -> dict[str, str]:
         body = command.redirect.model_dump(exclude_none=True)
@@ -561,49 +613,44 @@ class Processor:
 
     def _record(
         self,
-        prepared: Prepared,
+        prepared: Valid,
         token: str,
         status: Status,
-        code: str | None,
+        code: ErrorCode | None,
         message: str | None,
         attempts: int,
         status_code: int | None = None,
         *,
         park: bool | None = None,
     ) -> Decision:
-        command_id = _known(prepared.command_id)
+        command_id = prepared.command_id
         decision = self._finish(prepared, status, code, message, attempts, status_code, park=park)
-        event = decision.event or b""
+        event = decision.event
         stored = self._durably(
             lambda: self._store.record(command_id, token, event, now=self._clock())
         )
         if stored is None:  # our lease was taken over: the new holder's outcome will stand
             log.warning("lease lost before recording", extra={"command_id": command_id})
-            return Decision(
-                Action.RETRY,
-                delay_s=self._policy.retry_delays_s[0],
-                attempts=attempts,
-                command_id=command_id,
-            )
+            return Retry(self._policy.retry_delays_s[0], attempts, command_id)
         if stored != event:  # another worker finished first: its outcome stands
-            return self._replay(prepared, stored)
+            return self._duplicate(prepared, stored)
         return decision
 
     def _finish(
         self,
         prepared: Prepared,
         status: Status,
-        code: str | None,
+        code: ErrorCode | None,
         message: str | None,
         attempts: int = 0,
         status_code: int | None = None,
         *,
         park: bool | None = None,
-    ) -> Decision:
-        error = ErrorInfo(code=code, message=message or code) if code else None  # type: ignore[arg-type]
+    ) -> Finish:
+        error = ErrorInfo(code=code, message=message or code.value) if code else None
         pabx = None
         if prepared.command is not None and (attempts or status_code):
-            pabx = PabxInfo(name=prepared.target_name, status_code=status_code)
+            pabx = PabxInfo(name=prepared.command.pabx, status_code=status_code)
         event = build_event(
             event_id=prepared.event_id,
             status=status,
@@ -614,30 +661,23 @@ class Processor:
             error=error,
             delivery=prepared.delivery,
         )
-        return Decision(
-            Action.FINISH,
-            event=encode(event),
-            status=status,
-            error=error,
-            attempts=attempts,
+        return Finish(
+            encode(event),
+            status,
+            prepared.command_id,
+            error,
+            attempts,
             park=status in (Status.REJECTED, Status.FAILED) if park is None else park,
-            command_id=prepared.command_id,
         )
 
 
 class _Attempt:
     """One PABX request of a command, as tenacity calls it: check, pace, mark, send."""
 
-    def __init__(
-        self,
-        processor: Processor,
-        prepared: Prepared,
-        command: RedirectCommand,
-        token: str,
-        call: CallRef,
-    ) -> None:
+    def __init__(self, processor: Processor, prepared: Valid, token: str, call: CallRef) -> None:
+        command = prepared.command
         self.p = processor
-        self.command_id = _known(prepared.command_id)
+        self.command_id = prepared.command_id
         self.target_name = command.pabx
         self.channel_id = command.channel_id or processor._targets[command.pabx].channel_id
         self.body = processor._vendor_body(command)
@@ -750,9 +790,21 @@ def _known(command_id: str | None) -> str:
     return command_id
 
 
-def _poison(prepared: Prepared) -> str:
+class _Ending(NamedTuple):
+    """An outcome's status, error code and message, before it is built."""
+
+    status: Status
+    code: ErrorCode
+    message: str
+
+
+def _poison(prepared: Prepared, delivery_limit: int) -> _Ending | None:
+    """The outcome of a delivery at the delivery limit, or None if it is not there yet."""
     count = prepared.delivery.delivery_count + 1
-    return f"delivered {count} times without an outcome: parked, not processed again"
+    if count < delivery_limit:
+        return None
+    message = f"delivered {count} times without an outcome: parked, not processed again"
+    return _Ending(Status.FAILED, ErrorCode.POISON_MESSAGE, message)
 
 
 def _stored_data(outcome: bytes) -> dict[str, Any]:

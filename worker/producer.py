@@ -10,6 +10,7 @@ Used by ``pabx-worker send`` and ``demo``; usable from any Python program::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import socket
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker.broker import broker_call, connect
+from worker.broker import broker_errors, connect
 from worker.errors import BrokerError, ConfigurationError
 from worker.publisher import ConfirmingPublisher, Publication
 from worker.settings import Settings
@@ -106,18 +107,21 @@ class Producer:
             key_file=settings.amqp_key_file,
         )
         topology = Topology.from_settings(settings)
-        channel = broker_call(self._connection.channel)
+        with broker_errors():
+            channel = self._connection.channel()
         if declare:
-            broker_call(topology.declare, channel)
+            with broker_errors():
+                topology.declare(channel)
         else:
             try:
-                broker_call(
-                    topology.check, channel, exchanges=(settings.commands_exchange,), queues=needs
-                )
+                with broker_errors():
+                    topology.check(channel, exchanges=(settings.commands_exchange,), queues=needs)
             except ConfigurationError:
                 self.close()
                 raise
-        self._publisher = ConfirmingPublisher(broker_call(self._connection.channel))
+        with broker_errors():
+            publisher_channel = self._connection.channel()
+        self._publisher = ConfirmingPublisher(publisher_channel)
         self._reply_queue: str | None = None
         self._outcomes: dict[str, dict[str, Any]] = {}
 
@@ -135,7 +139,8 @@ class Producer:
     def reply_queue(self) -> str:
         """An exclusive queue receiving the outcomes of commands sent with ``reply=True``."""
         if self._reply_queue is None:
-            channel = broker_call(self._connection.channel)
+            with broker_errors():
+                channel = self._connection.channel()
             name, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
             channel.basic_consume(name, callback=self._on_outcome, no_ack=True)
             self._reply_queue = name
@@ -173,7 +178,8 @@ class Producer:
             if left <= 0:
                 return
             try:
-                broker_call(self._connection.drain_events, timeout=min(left, 0.2))
+                with broker_errors():
+                    self._connection.drain_events(timeout=min(left, 0.2))
             except BrokerError as exc:
                 if isinstance(exc.__cause__, TimeoutError | socket.timeout):
                     continue
@@ -187,7 +193,8 @@ class Producer:
 
     def channel(self) -> Any:
         """A new py-amqp channel on this producer's connection (e.g. to read a queue)."""
-        return broker_call(self._connection.channel)
+        with broker_errors():
+            return self._connection.channel()
 
     def publish_messages(
         self,
@@ -243,7 +250,8 @@ class Producer:
             props.pop("delivery_mode", None)
             publication = Publication(message.body, *target, props, mandatory=True)
             key = run.add(message)
-            broker_call(self._publisher.publish, publication, lambda ok, k=key: run.settle(k, ok))
+            with broker_errors():
+                self._publisher.publish(publication, functools.partial(run.settle, key))
         self._await_confirms(run, lambda: not run.pending, timeout)
 
     def _await_confirms(self, run: _PublishRun, done: Callable[[], bool], timeout: float) -> None:

@@ -9,7 +9,7 @@ import pytest
 from kombu import Connection
 
 from tests.tls.conftest import Pki, TlsBrokers
-from worker.broker import broker_call, connect
+from worker.broker import broker_errors, connect
 from worker.errors import BrokerError, ConfigurationError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]  # the first one boots nodes
@@ -36,7 +36,8 @@ def test_the_right_ca_connects_with_the_host_name_checked(
         assert sock.context.verify_mode == ssl.CERT_REQUIRED
         assert sock.context.check_hostname
         assert sock.server_hostname == "localhost"  # as written, not kombu's 127.0.0.1
-        channel = broker_call(connection.channel)
+        with broker_errors():
+            channel = connection.channel()
         name, _, _ = channel.queue_declare("", exclusive=True)
         assert name
     finally:
@@ -81,7 +82,8 @@ def test_a_client_certificate_when_the_broker_requires_one(
     )
     try:
         assert tls_socket(connection).server_hostname == "localhost"
-        broker_call(connection.channel)
+        with broker_errors():
+            connection.channel()
     finally:
         connection.release()
 

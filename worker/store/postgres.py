@@ -455,8 +455,7 @@ class PostgresStore:
         params.update(key=call.key, order=call.order)
         with self._connection() as conn:
             for _ in range(3):
-                row = conn.execute(self._mark_sent_call_sql, params).fetchone()
-                assert row is not None  # the statement always answers one row
+                row = _one_row(conn.execute(self._mark_sent_call_sql, params).fetchone())
                 held, attempts, holder_until, newest, newest_order, holder = row
                 if not held:
                     return Send(SendState.LEASE_LOST)
@@ -498,8 +497,7 @@ class PostgresStore:
             row = conn.execute(
                 self._reserve_slot_sql, {"target": target, "interval": interval_s}
             ).fetchone()
-        assert row is not None  # INSERT ... ON CONFLICT DO UPDATE always returns the row
-        return max(0.0, float(row[0]))
+        return max(0.0, float(_one_row(row)[0]))
 
     def purge(self, *, older_than: float) -> int:
         purge_commands, purge_calls, purge_slots = self._purge_sql
@@ -517,3 +515,11 @@ class PostgresStore:
         with self._lock:
             self._closed = True
             self._drop()
+
+
+def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """The row of a statement that always answers one (an upsert's RETURNING, a SELECT of
+    values); a missing one is a store failure, not a crash."""
+    if row is None:
+        raise StoreError("the store answered no row where one is always returned")
+    return row
