@@ -268,10 +268,9 @@ def _field_name(loc: Iterable[int | str], fmt: str) -> str:
     return ".".join(parts)
 
 
-def _validate(row: _Row, fmt: str) -> RedirectCommand | None:
-    assert row.data is not None
+def _validate(row: _Row, data: dict[str, Any], fmt: str) -> RedirectCommand | None:
     try:
-        return RedirectCommand.model_validate(row.data)
+        return RedirectCommand.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False, include_input=False):
             name = _field_name(error["loc"], fmt)
@@ -283,15 +282,15 @@ def _collect(fmt: str, rows: list[_Row]) -> Batch:
     by_id: dict[str, BatchCommand] = {}
     errors: list[RowError] = []
     for row in rows:
-        command = None if row.data is None else _validate(row, fmt)
-        if command is not None:
-            _add(by_id, row, command)
+        if row.data is not None and (command := _validate(row, row.data, fmt)) is not None:
+            _add(by_id, row, row.data, command)
         errors.extend(row.errors)
     return Batch(fmt, len(rows), list(by_id.values()), errors)
 
 
-def _add(by_id: dict[str, BatchCommand], row: _Row, command: RedirectCommand) -> None:
-    assert row.data is not None
+def _add(
+    by_id: dict[str, BatchCommand], row: _Row, fields: dict[str, Any], command: RedirectCommand
+) -> None:
     command_id = command.command_id or derive_command_id(command)
     body_fp = fingerprint(command)
     earlier = by_id.get(command_id)
@@ -305,7 +304,7 @@ def _add(by_id: dict[str, BatchCommand], row: _Row, command: RedirectCommand) ->
             )
             row.errors.append(RowError(row.line, "command_id", message))
         return
-    data = row.data if "command_id" in row.data else {"command_id": command_id, **row.data}
+    data = fields if "command_id" in fields else {"command_id": command_id, **fields}
     body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
     if len(body) > MAX_COMMAND_BYTES:
         row.errors.append(RowError(row.line, "", f"longer than {MAX_COMMAND_BYTES} bytes"))
