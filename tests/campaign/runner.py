@@ -34,9 +34,17 @@ from typing import Any
 import requests
 
 from tests.campaign.nemesis import Nemesis
-from tests.chaos.harness import ROOT, VENDOR_BODY, Rig, TcpProxy, WorkerProcess, wait_until
-from tests.cluster.rabbit_cluster import RabbitCluster, find_sbin, local_cluster
-from tests.integration.conftest import API_KEY, CHANNEL
+from tests.chaos.harness import Rig
+from tests.kit.processes import (
+    ROOT,
+    RabbitCluster,
+    WorkerProcess,
+    find_sbin,
+    local_cluster,
+    wait_until,
+)
+from tests.kit.proxy import TcpProxy
+from tests.kit.samples import API_KEY, CHANNEL, COUNTED_BODY
 from worker.simulator import SimulatorThread
 
 __all__ = ["Options", "run"]
@@ -279,7 +287,7 @@ class Load:
             "issued_at": _iso(order),
             "pabx": call.pabx,
             "redirect": {
-                **VENDOR_BODY,
+                **COUNTED_BODY,
                 "ID_CHAMADA": call.ident,
                 "DADOS": command_id,
                 "DISPOSITIVO_DESTINO": str(self._destination),

@@ -22,16 +22,11 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import (
-    Rig,
-    WorkerProcess,
-    command,
-    command_ids,
-    size,
-    wait_until,
-)
+from tests.chaos.harness import Rig, size
 from tests.checks import most_in_window, overlapping_calls, rate_limit_holds
-from tests.integration.conftest import API_KEY
+from tests.kit.processes import WorkerProcess, wait_until
+from tests.kit.samples import API_KEY, command_ids
+from tests.kit.samples import counted_command as command
 from worker.simulator import SimulatorThread
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]

@@ -34,7 +34,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import Rig, WorkerProcess, command, command_ids, report, wait_until
+from tests.chaos.harness import Rig, report
+from tests.kit.processes import WorkerProcess, wait_until
+from tests.kit.samples import command_ids
+from tests.kit.samples import counted_command as command
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

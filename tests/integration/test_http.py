@@ -8,7 +8,10 @@ import uuid
 import pytest
 import requests
 
-from tests.chaos.harness import Rig, TcpProxy, WorkerProcess, command, wait_until
+from tests.chaos.harness import Rig
+from tests.kit.processes import WorkerProcess, wait_until
+from tests.kit.proxy import TcpProxy
+from tests.kit.samples import counted_command as command
 
 pytestmark = pytest.mark.integration
 

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import WorkerProcess, wait_until
 from tests.conftest import require_service
-from tests.integration.conftest import private_settings
+from tests.kit.processes import WorkerProcess, wait_until
+from tests.kit.topology import private_settings
 
 pytestmark = pytest.mark.integration
 
