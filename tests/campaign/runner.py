@@ -34,7 +34,6 @@ from typing import Any
 import requests
 
 from tests.campaign.nemesis import Nemesis
-from tests.chaos.harness import Rig
 from tests.kit.processes import (
     ROOT,
     RabbitCluster,
@@ -44,6 +43,7 @@ from tests.kit.processes import (
     wait_until,
 )
 from tests.kit.proxy import TcpProxy
+from tests.kit.rig import Rig
 from tests.kit.samples import API_KEY, CHANNEL, COUNTED_BODY
 from worker.simulator import SimulatorThread
 

@@ -8,9 +8,9 @@ import uuid
 import pytest
 import requests
 
-from tests.chaos.harness import Rig
 from tests.kit.processes import WorkerProcess, wait_until
 from tests.kit.proxy import TcpProxy
+from tests.kit.rig import Rig
 from tests.kit.samples import counted_command as command
 
 pytestmark = pytest.mark.integration
