@@ -13,6 +13,7 @@ __all__ = [
     "CHANNEL",
     "COUNTED_BODY",
     "VENDOR_EXAMPLE",
+    "VENDOR_REQUIRED",
     "command",
     "command_ids",
     "counted_command",
@@ -22,6 +23,19 @@ __all__ = [
 API_KEY = "it-key-5f2b"
 #: The PABX channel id of the test settings.
 CHANNEL = 17
+
+#: The fields of the vendor example a command must have (and the device password).
+VENDOR_REQUIRED: dict[str, str] = {
+    key: VENDOR_EXAMPLE[key]
+    for key in (
+        "DISPOSITIVO",
+        "SENHA_DISPOSITIVO",
+        "DISPOSITIVO_DESTINO",
+        "ID_CHAMADA",
+        "PRIORIDADE",
+        "DADOS",
+    )
+}
 
 #: The vendor example without ``ID_CHAMADA`` and ``DADOS`` (a counted command sets both).
 COUNTED_BODY: dict[str, str] = {
