@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ import requests
 
 from bench.commands import API_KEY
 from bench.options import REPO, BenchError
+from tests.kit.processes import free_port
 
-__all__ = ["PYTHON", "Child", "Simulator", "child_env", "free_port", "quietly"]
+__all__ = ["PYTHON", "Child", "Simulator", "child_env", "quietly"]
 
 PYTHON = sys.executable
 
@@ -84,12 +84,6 @@ def quietly(action: Callable[[], Any], log: Callable[[str], None]) -> None:
         action()
     except Exception as exc:
         log(f"  (clean-up step failed: {type(exc).__name__}: {exc})")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Simulator:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,10 +35,13 @@ __all__ = [
     "WorkerProcess",
     "env_for",
     "find_sbin",
+    "free_port",
     "local_cluster",
+    "redis_answers",
     "reset_sim",
     "set_faults",
     "sim_requests",
+    "start_redis",
     "wait_until",
     "worker_env",
 ]
@@ -68,6 +73,51 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- a private redis-server ---------------------------------------------------------------
+
+
+def redis_answers(port: int) -> bool:
+    """A Redis on ``port`` answers a PING (``NOAUTH`` from one with a password counts)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
+    except OSError:
+        return False
+
+
+def start_redis(
+    directory: Path, port: int, *, password: str | None = None, own_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """A ``redis-server`` of the caller's own (no persistence), once it answers.
+
+    ``own_session``: in a process group of its own, so that group can be paused.
+    """
+    args = ["--port", str(port), "--bind", "127.0.0.1"]
+    if password is not None:
+        args += ["--requirepass", password]
+    args += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=own_session,
+    )
+    if not wait_until(lambda: redis_answers(port), 10):
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"a private redis-server did not answer on {port}")
+    return proc
 
 
 # -- the simulator's admin API ------------------------------------------------------------
