@@ -87,7 +87,7 @@ class SlowRequest:
     ms: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunResult:
     """One drain or paced run of one consumer kind (or what is left of a run that raised)."""
 
@@ -96,9 +96,9 @@ class RunResult:
     name: str
     latency_ms_pabx: float
     store: str | None
-    commands: int
     processes: int | None = field(default=None, metadata=OMIT_NONE)
     concurrency: int | None = field(default=None, metadata=OMIT_NONE)
+    commands: int
     target_rate: float | None = field(default=None, metadata=OMIT_NONE)
     prefix: str | None = field(default=None, metadata=OMIT_NONE)
     fill_s: float | None = field(default=None, metadata=OMIT_NONE)
