@@ -1,5 +1,8 @@
 """Benchmarks of pabx-worker against two peers doing the same job (issue 5).
 
 ``python -m bench`` (``make bench``): see :mod:`bench.__main__` for the options and
-:mod:`bench.harness` for what is measured and how.
+:mod:`bench.scenarios` for what is measured and how. The parts: ``options`` (kinds,
+options), ``processes`` (simulator, consumers), ``broker`` (publishing, the outcome reader),
+``sampling`` (RSS, CPU, latency summaries), ``context``, ``scenarios`` (one module each),
+``results`` (typed results and their JSON), ``verdicts`` (ratios, targets), ``run``, ``report``.
 """

@@ -22,8 +22,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.harness import KINDS, REPO, BenchError, Options, run_bench
+from bench.options import KINDS, REPO, BenchError, Options
 from bench.report import print_report, write_json
+from bench.run import run_bench
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -226,19 +227,18 @@ def main(argv: list[str] | None = None) -> int:
     for key in [k for k in os.environ if k.startswith("PABX_WORKER_")]:
         del os.environ[key]
     try:
-        doc = run_bench(options_from(args))
+        results = run_bench(options_from(args))
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
-    write_json(doc, args.json)
-    print_report(doc)
+    write_json(results, args.json)
+    print_report(results)
     print(f"results written to {args.json}")
-    runs = doc["drains"] + doc["paced"] + [r[k] for r in doc["scale"] for k in ("one", "two")]
-    failed = [r["name"] for r in runs if not r.get("complete")]
-    for extra in ("batch", "idle", "soak"):
-        if (doc.get(extra) or {}).get("error"):
+    failed = [r.name for r in results.runs() if not r.complete]
+    for extra, part in (("batch", results.batch), ("idle", results.idle), ("soak", results.soak)):
+        if part is not None and part.error:
             failed.append(extra)
-    failed += [f"error: {e}" for e in doc.get("errors", [])]
+    failed += [f"error: {e}" for e in results.errors]
     if failed:
         print(f"incomplete: {', '.join(failed)}", file=sys.stderr)
         return 1

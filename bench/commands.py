@@ -15,22 +15,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+from worker.example import VENDOR_EXAMPLE
+
 API_KEY = "bench-key-7c1e"
 CHANNEL_ID = 17
 #: CloudEvents structured content type (what the worker uses for its outcome events).
 EVENT_CONTENT_TYPE = "application/cloudevents+json"
-
-_REDIRECT_TEMPLATE: dict[str, str] = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-    "FONTE_MUSICA": "1",
-    "TEMPO_FILA": "23",
-    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-    "TEMPO_POS_ATENDIMENTO": "5",
-}
 
 
 def rfc3339(ts: float) -> str:
@@ -54,8 +44,7 @@ def call_id(prefix: str, index: int) -> str:
 
 def command_body(prefix: str, index: int, issued_at: float) -> bytes:
     """One valid redirect command, published at ``issued_at``."""
-    redirect = dict(_REDIRECT_TEMPLATE)
-    redirect["ID_CHAMADA"] = call_id(prefix, index)
+    redirect = {**VENDOR_EXAMPLE, "ID_CHAMADA": call_id(prefix, index)}
     command = {
         "command_id": command_id(prefix, index),
         "type": "redirect",

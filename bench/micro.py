@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.commands import API_KEY, CHANNEL_ID, command_body
-from bench.harness import BenchError, Simulator, require_loopback
+from bench.options import BenchError, require_loopback
+from bench.processes import Simulator
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
 

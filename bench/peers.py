@@ -14,7 +14,7 @@ exchange, ack. No idempotency, no validation beyond ``json.loads``, no retries.
   returns (FastStream's default ack policy). Per-message logging is off, which only makes the
   peer faster.
 
-Usage (the harness starts these)::
+Usage (the bench starts these, see bench.context)::
 
     python -m bench.peers pika|faststream --amqp-url URL --queue Q --results-exchange X \
         --pabx-url http://127.0.0.1:PORT --api-key K [--concurrency 32] [--no-confirm]

@@ -10,6 +10,19 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bench.results import (
+    BatchResult,
+    BenchResults,
+    IdleResult,
+    RunResult,
+    SoakResult,
+    Summary,
+    as_json,
+)
+from bench.verdicts import drain_rate
+
+__all__ = ["print_report", "write_json"]
+
 
 def _fmt(value: Any, digits: int = 1) -> str:
     if value is None:
@@ -19,66 +32,59 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _pair(summary: dict[str, Any] | None) -> str:
-    if not summary or summary.get("n", 0) == 0:
+def _pair(summary: Summary | None) -> str:
+    if summary is None or summary.n == 0:
         return "—"
-    return f"{_fmt(summary.get('p50'))} / {_fmt(summary.get('p99'))}"
-
-
-def _peer_rate(doc: dict[str, Any], kind: str, latency: float) -> float | None:
-    for run in doc["drains"]:
-        if run["kind"] == kind and run["latency_ms_pabx"] == latency and run.get("complete"):
-            rate = run.get("throughput")
-            return float(rate) if rate else None
-    return None
+    return f"{_fmt(summary.p50)} / {_fmt(summary.p99)}"
 
 
 def _ratio(rate: float | None, peer: float | None) -> str:
     return f"{rate / peer:.2f}x" if rate and peer else "—"
 
 
-def _rss(run: dict[str, Any]) -> str:
-    peaks = [v for v in (run.get("peak_rss_mb") or {}).values() if v is not None]
+def _rss(run: RunResult) -> str:
+    peaks = [v for v in (run.peak_rss_mb or {}).values() if v is not None]
     return " + ".join(_fmt(v) for v in peaks) if peaks else "—"
 
 
-def _row(doc: dict[str, Any], run: dict[str, Any], label: str | None = None) -> list[str]:
-    latency = run["latency_ms_pabx"]
-    rate = run.get("throughput")
-    kind = run["kind"]
-    vs_pika = _ratio(rate, _peer_rate(doc, "pika", latency)) if kind != "pika" else "1.00x"
+def _row(results: BenchResults, run: RunResult, label: str | None = None) -> list[str]:
+    latency = run.latency_ms_pabx
+    rate = run.throughput
+    kind = run.kind
+    vs_pika = _ratio(rate, drain_rate(results, "pika", latency)) if kind != "pika" else "1.00x"
     vs_fs = (
-        _ratio(rate, _peer_rate(doc, "faststream", latency)) if kind != "faststream" else "1.00x"
+        _ratio(rate, drain_rate(results, "faststream", latency))
+        if kind != "faststream"
+        else "1.00x"
     )
-    if run["scenario"] == "paced":  # a paced run is not a throughput measurement
+    if run.scenario == "paced":  # a paced run is not a throughput measurement
         vs_pika = vs_fs = ""
-    lat = run.get("latency_ms") or {}
-    name = label or run["name"]
-    if run.get("store"):
-        name += f" ({run['store']})"
-    if not run.get("complete"):
-        name += f" (INCOMPLETE {run.get('outcomes')}/{run['commands']})"
+    name = label or run.name
+    if run.store:
+        name += f" ({run.store})"
+    if not run.complete:
+        name += f" (INCOMPLETE {run.outcomes}/{run.commands})"
     return [
         escape(name),
         _fmt(latency, 0),
-        str(run["commands"]),
+        str(run.commands),
         _fmt(rate),
         vs_pika,
         vs_fs,
-        _pair(lat.get("publish_to_pabx")),
-        _pair(lat.get("publish_to_outcome")),
+        _pair(run.latency_ms.get("publish_to_pabx")),
+        _pair(run.latency_ms.get("publish_to_outcome")),
         _rss(run),
         _cpu(run),
     ]
 
 
-def _cpu(run: dict[str, Any]) -> str:
-    total = _fmt(run.get("consumer_cpu_ms_per_command"), 2)
-    main = run.get("main_thread_cpu_ms_per_command")
+def _cpu(run: RunResult) -> str:
+    total = _fmt(run.consumer_cpu_ms_per_command, 2)
+    main = run.main_thread_cpu_ms_per_command
     return f"{total} ({main:.2f})" if main is not None else total
 
 
-def print_report(doc: dict[str, Any], console: Console | None = None) -> None:
+def print_report(results: BenchResults, console: Console | None = None) -> None:
     if console is None:
         console = Console()
         if not console.is_terminal:  # a log file: do not squeeze the table into 80 columns
@@ -97,77 +103,79 @@ def print_report(doc: dict[str, Any], console: Console | None = None) -> None:
         ("CPU ms/cmd (main thread)", "right"),
     ):
         table.add_column(header, justify=justify)  # type: ignore[arg-type]
-    runs = sorted(doc["drains"], key=lambda r: r["latency_ms_pabx"])
+    runs = sorted(results.drains, key=lambda r: r.latency_ms_pabx)
     latencies = sorted(
-        {r["latency_ms_pabx"] for r in runs} | {p["latency_ms_pabx"] for p in doc["paced"]}
+        {r.latency_ms_pabx for r in runs} | {p.latency_ms_pabx for p in results.paced}
     )
     for latency in latencies:
         for run in runs:
-            if run["latency_ms_pabx"] == latency:
-                table.add_row(*_row(doc, run))
-        for paced in doc["paced"]:
-            if paced["latency_ms_pabx"] == latency:
-                label = f"{paced['name']} @ {_fmt(paced.get('target_rate'), 0)}/s"
-                table.add_row(*_row(doc, paced, label))
-        for scale in doc["scale"]:
-            if scale["latency_ms_pabx"] == latency:
-                table.add_row(*_row(doc, scale["one"]))
-                table.add_row(*_row(doc, scale["two"]))
+            if run.latency_ms_pabx == latency:
+                table.add_row(*_row(results, run))
+        for paced in results.paced:
+            if paced.latency_ms_pabx == latency:
+                label = f"{paced.name} @ {_fmt(paced.target_rate, 0)}/s"
+                table.add_row(*_row(results, paced, label))
+        for scale in results.scale:
+            if scale.latency_ms_pabx == latency:
+                table.add_row(*_row(results, scale.one))
+                table.add_row(*_row(results, scale.two))
         table.add_section()
     console.print(table)
     console.print(
         "[dim]Drains: the queue is filled first, so publish→X latencies there are mostly"
         " time spent queued; the paced rows measure the latency the worker adds.[/dim]"
     )
-    console.print(_extra_table(doc))
-    console.print(_targets_table(doc))
+    console.print(_extra_table(results))
+    console.print(_targets_table(results))
 
 
-def _extra_table(doc: dict[str, Any]) -> Table:
+def _extra_table(results: BenchResults) -> Table:
     extra = Table(title="other measurements")
     extra.add_column("what")
     extra.add_column("result", justify="right")
-    idle = doc.get("idle")
-    if idle:
-        for kind, mb in idle.get("rss_mb", {}).items():
+    idle = results.idle
+    if isinstance(idle, IdleResult):
+        for kind, mb in idle.rss_mb.items():
             extra.add_row(f"idle RSS, {kind}", f"{_fmt(mb)} MB")
-        if idle.get("error"):
-            extra.add_row("idle RSS error", idle["error"])
-    batch = doc.get("batch")
-    if batch:
-        for method, row in batch.get("methods", {}).items():
+    if idle is not None and idle.error:
+        extra.add_row("idle RSS error", idle.error)
+    batch = results.batch
+    if isinstance(batch, BatchResult):
+        for method, row in batch.methods.items():
             extra.add_row(
-                f"{method}, {batch['commands']} commands, pipelined confirms",
-                f"{_fmt(row.get('rate'))} commands/s"
-                + (f" ({row['error']})" if "error" in row else ""),
+                f"{method}, {batch.commands} commands, pipelined confirms",
+                f"{_fmt(row.rate)} commands/s"
+                + (f" ({row.error})" if row.error is not None else ""),
             )
-    for scale in doc["scale"]:
+    for scale in results.scale:
         extra.add_row(
-            f"scaling 1 → 2 worker processes, {scale['store']},"
-            f" PABX {scale['latency_ms_pabx']:g} ms",
-            f"{_fmt(scale.get('scaling_factor'), 2)}x",
+            f"scaling 1 → 2 worker processes, {scale.store}, PABX {scale.latency_ms_pabx:g} ms",
+            f"{_fmt(scale.scaling_factor, 2)}x",
         )
-    soak = doc.get("soak")
-    if soak:
-        points = ", ".join(f"{n // 1000}k:{mb}" for n, mb in soak.get("rss_mb", []))
-        extra.add_row(f"soak RSS MB after n commands ({soak.get('commands')})", points or "—")
-        if soak.get("error"):
-            extra.add_row("soak error", soak["error"])
+    soak = results.soak
+    if soak is not None:
+        chunks = soak.rss_mb if isinstance(soak, SoakResult) else []
+        total = soak.commands if isinstance(soak, SoakResult) else None
+        points = ", ".join(f"{n // 1000}k:{mb}" for n, mb in chunks)
+        extra.add_row(f"soak RSS MB after n commands ({total})", points or "—")
+        if soak.error:
+            extra.add_row("soak error", soak.error)
     return extra
 
 
-def _targets_table(doc: dict[str, Any]) -> Table:
+def _targets_table(results: BenchResults) -> Table:
     verdicts = Table(title="issue 5 targets")
     verdicts.add_column("target")
     verdicts.add_column("wanted")
     verdicts.add_column("measured", justify="right")
     verdicts.add_column("", justify="center")
-    for t in doc.get("targets", []):
-        mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[dim]n/a[/dim]"}
-        verdicts.add_row(t["target"], t["wanted"], _fmt(t["measured"], 2), mark[t["ok"]])
+    mark = {True: "[green]met[/green]", False: "[red]missed[/red]", None: "[dim]n/a[/dim]"}
+    for t in results.targets:
+        verdicts.add_row(t.target, t.wanted, _fmt(t.measured, 2), mark[t.ok])
     return verdicts
 
 
-def write_json(doc: dict[str, Any], path: Path) -> None:
+def write_json(results: BenchResults, path: Path) -> None:
+    """The results as JSON (the shape ``bench/README.md`` describes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(as_json(results), indent=2, ensure_ascii=False) + "\n")

@@ -26,9 +26,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from worker.demo import EXAMPLE
+from worker.example import VENDOR_EXAMPLE
 
-BODY: dict[str, str] = EXAMPLE
+BODY: dict[str, str] = VENDOR_EXAMPLE
 DEFAULT_KEY = "bench-key"
 
 

@@ -35,8 +35,10 @@ from amqp.serialization import dumps
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tests.chaos.harness import Rig, size
-from tests.integration.conftest import RunningWorker, private_settings
+from tests.chaos.harness import size
+from tests.kit.processes import RunningWorker
+from tests.kit.rig import Rig
+from tests.kit.topology import private_settings
 from worker.consumer import (
     MAX_COPIED_HEADER_BYTES,
     MAX_REASON_CHARS,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
+from tests.kit.samples import VENDOR_REQUIRED
 from worker import errors
 from worker.batch import (
     Batch,
@@ -29,14 +30,7 @@ from worker.messages import fingerprint
 from worker.models import RedirectCommand
 from worker.producer import Outgoing, PublishReport
 
-VENDOR = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-}
+VENDOR = VENDOR_REQUIRED
 HEADER = ",".join(VENDOR)
 
 

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.samples import VENDOR_EXAMPLE
 from worker.cli import app
 from worker.messages import Delivery, decode_command, event_id_for, fingerprint, raw_event_id
 from worker.models import ErrorInfo, OutcomeEvent, PabxInfo, RedirectCommand, Status

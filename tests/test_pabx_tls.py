@@ -19,6 +19,7 @@ from urllib3.util.ssl_ import create_urllib3_context
 
 import worker.pabx
 from tests.certs import Authority, Leaf
+from tests.kit.samples import VENDOR_REQUIRED
 from worker.errors import (
     ConfigurationError,
     PabxOutcomeUnknown,
@@ -31,14 +32,7 @@ from worker.settings import PabxTarget
 from worker.simulator import SimulatorThread
 
 KEY = "tls-unit-key"
-BODY = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-}
+BODY = VENDOR_REQUIRED
 
 
 @dataclass(frozen=True)

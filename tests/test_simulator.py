@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.samples import VENDOR_EXAMPLE
 from worker.simulator import Faults, SimulatorThread, parse_faults
 
 API_KEY = "test-key-123"

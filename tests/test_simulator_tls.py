@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from tests.certs import Authority, Leaf
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.samples import VENDOR_EXAMPLE
 from worker.simulator import SimulatorThread, tls_context
 
 KEY = "sim-tls-key"

@@ -17,29 +17,16 @@ from rich.table import Table
 from worker.app import build_processor
 from worker.consumer import Worker
 from worker.errors import BrokerError
+from worker.example import VENDOR_EXAMPLE
 from worker.producer import Producer
 from worker.settings import load_settings
 from worker.simulator import SimulatorThread
 
 __all__ = ["run_demo", "sample_commands"]
 
-#: Vendor example body (seed page), used by every sample.
-EXAMPLE = {
-    "DISPOSITIVO": "1125000",
-    "SENHA_DISPOSITIVO": "4567",
-    "DISPOSITIVO_DESTINO": "1132000",
-    "ID_CHAMADA": "08/07/24 10:46:19 010A 0974/00",
-    "PRIORIDADE": "0",
-    "DADOS": "111222333-44;Fulano",
-    "FONTE_MUSICA": "1",
-    "TEMPO_FILA": "23",
-    "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
-    "TEMPO_POS_ATENDIMENTO": "5",
-}
-
 
 def _command(command_id: str, call: str, **changes: Any) -> dict[str, Any]:
-    redirect = {**EXAMPLE, "ID_CHAMADA": call, **changes.pop("redirect", {})}
+    redirect = {**VENDOR_EXAMPLE, "ID_CHAMADA": call, **changes.pop("redirect", {})}
     return {
         "command_id": command_id,
         "type": "redirect",
@@ -78,7 +65,7 @@ def sample_commands(run: str) -> list[tuple[str, str, bytes]]:
                 _command(f"demo-{run}-5", call + "c")
                 | {
                     "redirect": {
-                        **{k: v for k, v in EXAMPLE.items() if k != "PRIORIDADE"},
+                        **{k: v for k, v in VENDOR_EXAMPLE.items() if k != "PRIORIDADE"},
                         "PRIORIDAD": "1",
                     }
                 }

@@ -19,7 +19,6 @@ import pwd
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -34,9 +33,19 @@ from typing import Any
 import requests
 
 from tests.campaign.nemesis import Nemesis
-from tests.chaos.harness import ROOT, VENDOR_BODY, Rig, TcpProxy, WorkerProcess, wait_until
-from tests.cluster.rabbit_cluster import RabbitCluster, find_sbin, local_cluster
-from tests.integration.conftest import API_KEY, CHANNEL
+from tests.kit.processes import (
+    ROOT,
+    RabbitCluster,
+    WorkerProcess,
+    find_sbin,
+    free_port,
+    local_cluster,
+    start_redis,
+    wait_until,
+)
+from tests.kit.proxy import TcpProxy
+from tests.kit.rig import Rig
+from tests.kit.samples import API_KEY, CHANNEL, COUNTED_BODY
 from worker.simulator import SimulatorThread
 
 __all__ = ["Options", "run"]
@@ -77,21 +86,6 @@ def log(message: str) -> None:
 # -- stores -------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pong(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
 class Store:
     """The run's private store: a ``redis-server`` or PostgreSQL server of its own, or a file.
 
@@ -112,17 +106,8 @@ class Store:
             raise ValueError(f"unknown store {kind!r}")
 
     def _start_redis(self, workdir: Path) -> str:
-        port = _free_port()
-        self.proc = subprocess.Popen(
-            [
-                *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", ""),
-                *("--appendonly", "no", "--dir", str(workdir)),
-            ],
-            stdout=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        if not wait_until(lambda: _pong(port), 10):
-            raise RuntimeError("private redis-server did not answer")
+        port = free_port()
+        self.proc = start_redis(workdir, port, own_session=True)
         return f"redis://127.0.0.1:{port}/0"
 
     def _start_postgres(self, workdir: Path) -> str:
@@ -149,7 +134,7 @@ class Store:
             check=True,
             capture_output=True,
         )
-        port = _free_port()
+        port = free_port()
         log_file = (workdir / "postgres.log").open("wb")
         self.proc = subprocess.Popen(
             [
@@ -279,7 +264,7 @@ class Load:
             "issued_at": _iso(order),
             "pabx": call.pabx,
             "redirect": {
-                **VENDOR_BODY,
+                **COUNTED_BODY,
                 "ID_CHAMADA": call.ident,
                 "DADOS": command_id,
                 "DISPOSITIVO_DESTINO": str(self._destination),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import ROOT
+from tests.kit.processes import ROOT
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -22,25 +21,14 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import (
-    Rig,
-    WorkerProcess,
-    command,
-    command_ids,
-    size,
-    wait_until,
-)
+from tests.chaos.harness import Rig, size
 from tests.checks import most_in_window, overlapping_calls, rate_limit_holds
-from tests.integration.conftest import API_KEY
+from tests.kit.processes import WorkerProcess, free_port, start_redis, wait_until
+from tests.kit.samples import API_KEY, command_ids
+from tests.kit.samples import counted_command as command
 from worker.simulator import SimulatorThread
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fleet(rig: Rig, count: int, *args: str, **env: str) -> list[WorkerProcess]:
@@ -390,38 +378,13 @@ def test_one_target_down_leaves_the_other_at_its_rate(
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A Redis of this test's own, so it can be frozen (SIGSTOP) without touching the machine's."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = free_port()
+    proc = start_redis(tmp_path, port)
     url = f"redis://127.0.0.1:{port}/0"
-    assert wait_until(lambda: _answers(port), 10)
     yield url, proc
     proc.send_signal(signal.SIGCONT)
     proc.terminate()
     proc.wait(10)
-
-
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), 0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def _ready(port: int) -> bool:
@@ -444,7 +407,7 @@ def test_store_outage_pauses_instead_of_cycling_commands(
     url, redis_proc = private_redis
     rig = make_rig(store_url=url, concurrency=8)
     rig.faults(latency_ms=50)
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     workers = [
         *fleet(rig, 1, PABX_WORKER_HTTP_PORT=str(ports[0]), PABX_WORKER_HTTP_HOST="127.0.0.1"),
         *fleet(rig, 1, PABX_WORKER_HTTP_PORT=str(ports[1]), PABX_WORKER_HTTP_HOST="127.0.0.1"),

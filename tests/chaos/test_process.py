@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Rig, Tally, WorkerProcess, command, command_ids, size, wait_until
+from tests.chaos.harness import Rig, Tally, size
+from tests.kit.processes import WorkerProcess, wait_until
+from tests.kit.samples import command_ids
+from tests.kit.samples import counted_command as command
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]

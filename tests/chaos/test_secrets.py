@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
 import time
 import uuid
 from collections import Counter
@@ -34,7 +33,10 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import Rig, WorkerProcess, command, command_ids, report, wait_until
+from tests.chaos.harness import Rig, report
+from tests.kit.processes import WorkerProcess, free_port, wait_until
+from tests.kit.samples import command_ids
+from tests.kit.samples import counted_command as command
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 
@@ -64,12 +66,6 @@ class Secrets:
 
 LONG = Secrets("ApiKey-Chaos-7d41b2c9e0", "S3nha-Chaos-7781x", "D3vice-Pw-4419q", short=False)
 SHORT = Secrets("k", "4567", "4567", short=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _leaks(secrets: Secrets, text: str, values: list[Any]) -> list[str]:
@@ -149,7 +145,7 @@ def test_no_secret_in_logs_events_parked_headers_or_metrics(
         retry_delays_s=(0.2, 0.5),
         circuit_threshold=50,
     )
-    port = _free_port()
+    port = free_port()
     worker = WorkerProcess(
         rig.variant(http_port=port),
         PABX_WORKER_LOG_LEVEL="DEBUG",

@@ -19,18 +19,11 @@ import psycopg
 import pytest
 import redis
 
-from tests.chaos.harness import (
-    FULL,
-    Rig,
-    StateMonitor,
-    Tally,
-    TcpProxy,
-    command,
-    command_ids,
-    size,
-    wait_until,
-)
-from tests.integration.conftest import RunningWorker
+from tests.chaos.harness import FULL, Rig, StateMonitor, Tally, size
+from tests.kit.processes import RunningWorker, wait_until
+from tests.kit.proxy import TcpProxy
+from tests.kit.samples import command_ids
+from tests.kit.samples import counted_command as command
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

@@ -287,7 +287,7 @@ class RabbitCluster:
             raise ClusterError(f"{self.dir} already holds a cluster: run 'down' on it first")
         for node in self.nodes:
             for port in (node.amqp_port, node.dist_port):
-                if _port_in_use(port):
+                if port_in_use(port):
                     raise SlotBusy(f"{node.name}: port {port} on 127.0.0.1 is in use")
             if node.short in _epmd_names():
                 raise SlotBusy(f"a node named {node.name} is already running")
@@ -334,7 +334,7 @@ class RabbitCluster:
 
     def _await_boot(self, node: Node, deadline: float) -> None:
         proc = self._procs.get(node.name)
-        while not _port_in_use(node.amqp_port):
+        while not port_in_use(node.amqp_port):
             if proc is not None and proc.poll() is not None:
                 raise ClusterError(f"{node.name} exited {proc.returncode}: {self._tail(node)}")
             if time.monotonic() > deadline:
@@ -534,7 +534,7 @@ def local_cluster(
 # -- helpers -----------------------------------------------------------------------------
 
 
-def _port_in_use(port: int) -> bool:
+def port_in_use(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
         return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -31,11 +31,11 @@ from typing import Any
 import pika
 import pytest
 
-from tests.cluster.rabbit_cluster import ClusterURLs, find_sbin, local_cluster
 from tests.conftest import IN_CI
-from tests.integration.conftest import API_KEY, RunningWorker, private_settings, set_faults
-from tests.integration.conftest import sim_requests as recorded_requests
-from tests.integration.test_worker import command
+from tests.kit.processes import ClusterURLs, RunningWorker, find_sbin, local_cluster, set_faults
+from tests.kit.processes import sim_requests as recorded_requests
+from tests.kit.samples import API_KEY, command
+from tests.kit.topology import declare, private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 from worker.topology import Topology
@@ -94,13 +94,7 @@ def _declare_topology(urls: list[str], settings: Settings, results_queue: str) -
     try:
         ch = via["victim"].channel()
         ch.queue_declare(command_queue.name, durable=True, arguments=command_queue.arguments)
-        ch = via["first"].channel()
-        for ex in topology.exchanges:
-            ch.exchange_declare(ex.name, ex.type, durable=True, arguments=ex.arguments)
-        for q in topology.queues:
-            ch.queue_declare(q.name, durable=True, arguments=q.arguments)
-        for b in topology.bindings:
-            ch.queue_bind(b.queue, b.exchange, b.routing_key)
+        declare(via["first"].channel(), topology)
         ch = via["third"].channel()
         ch.queue_declare(results_queue, durable=True, arguments={"x-queue-type": "quorum"})
         ch.queue_bind(results_queue, settings.results_exchange, "#")

@@ -15,15 +15,10 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import (
-    Peer,
-    RunningWorker,
-    private_settings,
-    set_faults,
-    sim_requests,
-)
-from tests.integration.test_cli import CLI, env_for
-from tests.integration.test_worker import VENDOR_BODY
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, RunningWorker, env_for, set_faults, sim_requests
+from tests.kit.samples import VENDOR_EXAMPLE
+from tests.kit.topology import private_settings
 from worker.producer import Outgoing, Producer
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
@@ -32,7 +27,7 @@ pytestmark = pytest.mark.integration
 
 #: Rows in the large-file run; PABX_BATCH_ROWS overrides it (the issue asks for 10,000).
 LARGE_ROWS = int(os.environ.get("PABX_BATCH_ROWS", "10000"))
-COLUMNS = ["command_id", *VENDOR_BODY, "channel_id"]
+COLUMNS = ["command_id", *VENDOR_EXAMPLE, "channel_id"]
 
 
 def rows(count: int, tag: str | None = None) -> list[dict[str, str]]:
@@ -40,7 +35,7 @@ def rows(count: int, tag: str | None = None) -> list[dict[str, str]]:
     tag = tag or uuid.uuid4().hex[:8]
     return [
         {
-            **VENDOR_BODY,
+            **VENDOR_EXAMPLE,
             "ID_CHAMADA": f"{tag}-{i:05d}",
             "DADOS": f"row {i};Fulano",
             "channel_id": "17",
@@ -153,7 +148,11 @@ def test_skip_invalid_publishes_the_good_rows(
 ) -> None:
     lines = [
         json.dumps(
-            {"type": "redirect", "version": 1, "redirect": {**VENDOR_BODY, "ID_CHAMADA": f"j-{i}"}}
+            {
+                "type": "redirect",
+                "version": 1,
+                "redirect": {**VENDOR_EXAMPLE, "ID_CHAMADA": f"j-{i}"},
+            }
         )
         for i in range(3)
     ]
@@ -300,7 +299,7 @@ def test_producer_pipelines_many_and_collects_outcomes(
                     "command_id": cid,
                     "type": "redirect",
                     "version": 1,
-                    "redirect": {**VENDOR_BODY, "ID_CHAMADA": cid},
+                    "redirect": {**VENDOR_EXAMPLE, "ID_CHAMADA": cid},
                 }
             ).encode(),
             cid,

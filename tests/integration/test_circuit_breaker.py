@@ -6,14 +6,10 @@ import time
 
 import pytest
 
-from tests.integration.conftest import (
-    Peer,
-    RunningWorker,
-    private_settings,
-    set_faults,
-    sim_requests,
-)
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.kit.samples import command
+from tests.kit.topology import private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

@@ -6,40 +6,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.conftest import API_KEY, Peer, sim_requests
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, env_for, sim_requests
+from tests.kit.samples import API_KEY, command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
-
-CLI = [sys.executable, "-m", "worker"]
-
-
-def env_for(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("PABX_WORKER_")}
-    env.pop("CREDENTIALS_DIRECTORY", None)
-    for name in (
-        "amqp_url",
-        "commands_exchange",
-        "command_queue",
-        "results_exchange",
-        "unrouted_exchange",
-        "dead_exchange",
-        "parked_queue",
-        "retry_queue_prefix",
-    ):
-        env[f"PABX_WORKER_{name.upper()}"] = str(getattr(settings, name))
-    env["PABX_WORKER_RETRY_DELAYS_S"] = json.dumps(list(settings.retry_delays_s))
-    env.update(extra)
-    return env
 
 
 def test_run_consumes_and_stops_cleanly_on_sigterm(
@@ -113,7 +92,7 @@ def test_run_reads_its_secrets_from_a_file_and_a_credential(
 def test_send_wait_prints_the_outcome(
     settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
 ) -> None:
-    from tests.integration.conftest import RunningWorker
+    from tests.kit.processes import RunningWorker
 
     running = RunningWorker(settings)
     try:

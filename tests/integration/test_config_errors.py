@@ -16,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.integration.test_cli import CLI, env_for
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.processes import CLI, env_for
+from tests.kit.samples import VENDOR_EXAMPLE
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import pytest
 import requests
 
-from tests.chaos.harness import Rig, TcpProxy, WorkerProcess, command, wait_until
+from tests.kit.processes import WorkerProcess, free_port, wait_until
+from tests.kit.proxy import TcpProxy
+from tests.kit.rig import Rig
+from tests.kit.samples import counted_command as command
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def status(url: str) -> int:

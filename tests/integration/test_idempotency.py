@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Peer, RunningWorker, set_faults, sim_requests
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.kit.samples import command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

@@ -16,10 +16,11 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.integration.conftest import Peer, RunningWorker, sim_requests
-from tests.integration.test_worker import command
 from tests.interop.node import HERE as INTEROP
 from tests.interop.node import node_with
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker, sim_requests
+from tests.kit.samples import command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

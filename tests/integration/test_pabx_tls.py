@@ -16,8 +16,10 @@ import pytest
 import requests
 
 from tests.certs import Authority, Leaf
-from tests.integration.conftest import API_KEY, CHANNEL, Peer, RunningWorker, private_settings
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker
+from tests.kit.samples import API_KEY, CHANNEL, VENDOR_EXAMPLE
+from tests.kit.topology import private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

@@ -13,9 +13,9 @@ import pika
 import pytest
 from pydantic import SecretStr
 
-from tests.integration.conftest import Peer, RunningWorker, sim_requests
-from tests.integration.test_cli import CLI, env_for
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, RunningWorker, env_for, sim_requests
+from tests.kit.samples import command
 from worker.parked import (
     ParkedFilter,
     ParkedMessage,

@@ -17,9 +17,10 @@ import pika.exceptions
 import pytest
 
 from tests.conftest import require_service
-from tests.integration.conftest import API_KEY, CHANNEL, Peer, RunningWorker, private_settings
-from tests.integration.test_cli import CLI, env_for
-from tests.integration.test_worker import command, sim_requests
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, RunningWorker, env_for, sim_requests
+from tests.kit.samples import API_KEY, CHANNEL, command
+from tests.kit.topology import private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

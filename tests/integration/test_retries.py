@@ -7,13 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.integration.conftest import (
-    Peer,
-    RunningWorker,
-    set_faults,
-    sim_requests,
-)
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.kit.samples import command
 from worker.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration

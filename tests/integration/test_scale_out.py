@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import API_KEY, Peer, set_faults, sim_requests
-from tests.integration.test_cli import CLI, env_for
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, env_for, set_faults, sim_requests
+from tests.kit.samples import API_KEY, command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

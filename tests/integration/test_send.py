@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.integration.conftest import Peer, RunningWorker, set_faults, sim_requests
-from tests.integration.test_cli import CLI, env_for
-from tests.integration.test_worker import command
+from tests.kit.events import Peer
+from tests.kit.processes import CLI, RunningWorker, env_for, set_faults, sim_requests
+from tests.kit.samples import command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,9 +20,9 @@ from typing import Any
 import pytest
 import requests
 
-from tests.chaos.harness import WorkerProcess, wait_until
 from tests.conftest import require_service
-from tests.integration.conftest import private_settings
+from tests.kit.processes import WorkerProcess, free_port, start_redis, wait_until
+from tests.kit.topology import private_settings
 
 pytestmark = pytest.mark.integration
 
@@ -32,12 +31,6 @@ API_KEY = "Startup-Key-31f9"
 #: A PABX nobody calls in these tests (no command is sent).
 PABX_URL = "http://127.0.0.1:9/pabx"
 STORE_DOWN = "the store does not answer; not consuming until it does"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -49,24 +42,7 @@ class RedisServer:
         self._proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        binary = shutil.which("redis-server") or "redis-server"
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--requirepass", STORE_PASSWORD]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self._dir)]
-        self._proc = subprocess.Popen(
-            [binary, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        if not wait_until(self._listening, 10):
-            raise AssertionError(f"redis-server did not listen on {self.port}")
-
-    def _listening(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), 0.5):
-                return True
-        except OSError:
-            return False
+        self._proc = start_redis(self._dir, self.port, password=STORE_PASSWORD)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -77,7 +53,7 @@ class RedisServer:
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     require_service("redis-server (binary)", lambda: shutil.which("redis-server") is not None)
-    server = RedisServer(_free_port(), tmp_path)
+    server = RedisServer(free_port(), tmp_path)
     yield server
     server.stop()
 
@@ -106,7 +82,7 @@ def _entries(worker: WorkerProcess, message: str) -> list[dict[str, Any]]:
 def test_store_down_at_start_warns_stays_unready_then_recovers(
     amqp_url: str, redis_server: RedisServer, http: bool
 ) -> None:
-    http_port = _free_port() if http else 0
+    http_port = free_port() if http else 0
     store_url = f"redis://:{STORE_PASSWORD}@127.0.0.1:{redis_server.port}/0"
     settings = private_settings(
         amqp_url, PABX_URL, store_url=store_url, http_port=http_port, pabx_api_key=API_KEY

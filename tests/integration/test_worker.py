@@ -9,16 +9,10 @@ from typing import Any
 import pika
 import pytest
 
-from tests.integration.conftest import (
-    API_KEY,
-    CHANNEL,
-    Peer,
-    RunningWorker,
-    private_settings,
-    set_faults,
-    sim_requests,
-)
-from tests.vendor import VENDOR_EXAMPLE
+from tests.kit.events import Peer
+from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.kit.samples import API_KEY, CHANNEL, VENDOR_EXAMPLE
+from tests.kit.topology import private_settings
 from worker.consumer import Worker
 from worker.errors import ConfigurationError
 from worker.models import OutcomeEvent

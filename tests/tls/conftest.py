@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.certs import Authority, Leaf
-from tests.cluster.rabbit_cluster import find_sbin
 from tests.conftest import IN_CI
+from tests.kit.processes import find_sbin
 from tests.tls.rabbit_tls import TlsListener, TlsNodes, tls_nodes
 
 #: Names the broker's certificate is valid for; the tests connect to ``localhost``.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import random
 import secrets
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tests.cluster.rabbit_cluster import (
     Node,
     RabbitCluster,
     SlotBusy,
+    port_in_use,
 )
 
 __all__ = ["TlsListener", "TlsNodes", "tls_nodes"]
@@ -94,7 +94,7 @@ class TlsNodes(RabbitCluster):
 
     def _prepare(self) -> None:
         for node in self.nodes:
-            if _port_in_use(self.amqps_port(node)):
+            if port_in_use(self.amqps_port(node)):
                 raise SlotBusy(f"{node.name}: port {self.amqps_port(node)} is in use")
         super()._prepare()
         for node, listener in zip(self.nodes, self.listeners, strict=True):
@@ -113,7 +113,7 @@ class TlsNodes(RabbitCluster):
 
     def _await_boot(self, node: Node, deadline: float) -> None:
         proc = self._procs.get(node.name)
-        while not _port_in_use(self.amqps_port(node)):
+        while not port_in_use(self.amqps_port(node)):
             if proc is not None and proc.poll() is not None:
                 raise ClusterError(f"{node.name} exited {proc.returncode}: {self._tail(node)}")
             if time.monotonic() > deadline:
@@ -147,9 +147,3 @@ def tls_nodes(tmp_dir: Path, ca_file: Path, listeners: Sequence[TlsListener]) ->
         yield nodes
     finally:
         nodes.stop()
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import private_settings
+from tests.kit.processes import CLI
+from tests.kit.topology import private_settings
 from tests.tls.conftest import Pki, TlsBrokers
 from worker.app import build_processor
 from worker.consumer import Worker
@@ -20,7 +20,6 @@ from worker.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
-CLI = [sys.executable, "-m", "worker"]
 #: A PABX nobody calls: these tests only connect and declare.
 NO_PABX = "http://127.0.0.1:9"
 

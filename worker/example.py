@@ -1,7 +1,13 @@
-"""The vendor's example body, verbatim from seed/api-pabx-digitro-redirecionar-fila-dac.txt."""
+"""The vendor's example body, verbatim from seed/api-pabx-digitro-redirecionar-fila-dac.txt.
+
+The demo, the bench and the tests all start from it; this is its only copy.
+"""
 
 from __future__ import annotations
 
+__all__ = ["VENDOR_EXAMPLE"]
+
+#: The ``redirect`` body of the vendor's example request (every value a string, as sent).
 VENDOR_EXAMPLE: dict[str, str] = {
     "DISPOSITIVO": "1125000",
     "SENHA_DISPOSITIVO": "4567",

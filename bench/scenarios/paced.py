@@ -1,0 +1,101 @@
+"""The paced run: commands at a fixed rate to a consumer already consuming."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from bench.broker import OutcomeReader
+from bench.context import Context, Scenario
+from bench.options import is_worker, label, tag
+from bench.processes import Child, quietly
+from bench.results import RunResult
+from bench.sampling import Sampler, add_resources
+from bench.scenarios.analysis import analyse
+
+__all__ = ["Paced"]
+
+
+@dataclass
+class Paced:
+    """A consumer already consuming; commands published at ``rate``/s; publish → PABX latency."""
+
+    kind: str
+    latency_ms: float
+    rate: float
+    count: int
+    store: str
+
+    def run(self, ctx: Context) -> RunResult:
+        assert ctx.broker is not None and ctx.sim is not None
+        scenario = ctx.new_scenario(self.store)
+        result = RunResult(
+            scenario="paced",
+            kind=self.kind,
+            name=f"{label(self.kind)} paced",
+            latency_ms_pabx=self.latency_ms,
+            store=self.store if is_worker(self.kind) else None,
+            processes=1,
+            concurrency=ctx.options.concurrency if self.kind != "pika" else 1,
+            commands=self.count,
+            target_rate=round(self.rate, 1),
+            prefix=scenario.prefix,
+        )
+        ctx.log(
+            f"- {label(self.kind)} paced: {self.count} commands at {self.rate:.0f}/s,"
+            f" PABX {self.latency_ms:g} ms"
+        )
+        worker: Child | None = None
+        sampler: Sampler | None = None
+        stamps: dict[int, float] = {}
+        with ctx.topology(scenario):
+            reader = OutcomeReader(ctx.options.amqp_url, scenario.settings.results_exchange)
+            reader.start()
+            try:
+                worker = ctx.start_consumer(
+                    self.kind, scenario, f"{scenario.prefix}-{tag(self.kind)}-0"
+                )
+                failure = self._warm_up(ctx, scenario, reader, worker)
+                if failure is None:
+                    ctx.sim.clear()
+                    sampler = ctx.sampler_for([worker])
+                    sampler.start()
+                    result.published_rate = self._publish(ctx, scenario, stamps)
+                    timeout = 60 + self.count / 50
+                    failure = reader.wait_for(scenario.prefix, self.count, timeout, [worker])
+                result.error = failure
+            finally:
+                if sampler is not None:
+                    quietly(sampler.stop, ctx.log)
+                if worker is not None:
+                    worker.stop(30)
+                quietly(reader.stop, ctx.log)
+            analyse(result, scenario, reader, stamps, ctx.sim.requests())
+            if sampler is not None and worker is not None:
+                add_resources(result, sampler, [worker])
+        lat = result.latency_ms.get("publish_to_pabx")
+        p50, p99 = (lat.p50, lat.p99) if lat else (None, None)
+        ctx.log(f"  publish→PABX p50 {p50} ms, p99 {p99} ms")
+        return result
+
+    def _warm_up(
+        self, ctx: Context, scenario: Scenario, reader: OutcomeReader, worker: Child
+    ) -> str | None:
+        """Open the HTTP and store connections before measuring."""
+        assert ctx.broker is not None
+        ctx.broker.wait_consumers(scenario.settings.command_queue, 1, 60, [worker])
+        warm = f"{scenario.prefix}w"
+        warm_count = 2 * ctx.options.concurrency if self.kind != "pika" else 20
+        ctx.broker.fill(scenario.settings, warm, warm_count)
+        return reader.wait_for(warm, warm_count, 60, [worker])
+
+    def _publish(self, ctx: Context, scenario: Scenario, stamps: dict[int, float]) -> float:
+        """Publish every command at its time; the rate achieved."""
+        assert ctx.broker is not None
+        start = time.perf_counter() + 0.05
+        for i in range(self.count):
+            delay = start + i / self.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            stamps[i] = ctx.broker.publish_command(scenario.settings, scenario.prefix, i)
+        return round(self.count / (time.perf_counter() - start), 1)

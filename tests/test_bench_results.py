@@ -1,0 +1,120 @@
+"""The bench's typed results: their JSON keeps its shape, and the report prints them."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.report import print_report, write_json
+from bench.results import (
+    BatchMethod,
+    BatchResult,
+    BenchResults,
+    Failed,
+    IdleResult,
+    Meta,
+    RunResult,
+    ScaleResult,
+    SoakResult,
+    Summary,
+    as_json,
+)
+from bench.verdicts import ratios, targets
+
+
+def drain(kind: str, rate: float | None, *, complete: bool = True) -> RunResult:
+    run = RunResult(
+        scenario="drain",
+        kind=kind,
+        name=kind,
+        latency_ms_pabx=20.0,
+        store="sqlite" if kind == "worker" else None,
+        commands=10,
+        processes=1,
+        concurrency=32,
+        prefix="b1",
+        fill_s=0.1,
+        outcomes=10 if complete else 3,
+        statuses={"accepted": 10},
+        latency_ms={"publish_to_outcome": Summary(10, 1.0, 2.0, 3.0, 4.0)},
+        complete=complete,
+    )
+    if rate is not None:
+        run.first_outcome, run.last_outcome = 1.0, 2.0
+        run.duration_s, run.throughput = 1.0, rate
+    return run
+
+
+def results() -> BenchResults:
+    doc = BenchResults(meta=Meta("abc", 1.0, 2, "3.11", {"commands": 10}))
+    doc.drains = [drain("worker", 900.0), drain("pika", 50.0), drain("faststream", 300.0)]
+    doc.scale = [ScaleResult("redis", 20.0, drain("worker", 900.0), drain("worker", None), None)]
+    doc.idle = IdleResult(store="sqlite", rss_mb={"worker": 40.0})
+    doc.batch = BatchResult(commands=5, methods={"Producer.publish": BatchMethod(error="boom")})
+    doc.soak = Failed("soak: RuntimeError: down")
+    doc.ratios = ratios(doc)
+    doc.targets = targets(doc)
+    return doc
+
+
+def test_absent_values_are_left_out_as_before() -> None:
+    run = as_json(drain("pika", None, complete=False))
+    assert "throughput" not in run and "first_outcome" not in run and "duration_s" not in run
+    assert run["error"] is None and run["store"] is None  # always written, null
+    assert run["latency_ms"]["publish_to_outcome"] == {
+        "n": 10,
+        "p50": 1.0,
+        "p90": 2.0,
+        "p99": 3.0,
+        "max": 4.0,
+    }
+    spanless = drain("worker", None)
+    spanless.first_outcome = spanless.last_outcome = 1.0
+    assert as_json(spanless)["throughput"] is None  # measured window of zero: null, not absent
+    assert as_json(SoakResult(commands=3, store="redis", rss_mb=[(0, 1.5)])) == {
+        "scenario": "soak",
+        "commands": 3,
+        "store": "redis",
+        "rss_mb": [[0, 1.5]],
+        "outcomes": 0,
+    }
+
+
+def test_the_document_has_the_keys_readers_use(tmp_path: Path) -> None:
+    path = tmp_path / "latest.json"
+    write_json(results(), path)
+    doc = json.loads(path.read_text())
+    assert list(doc) == [
+        *("meta", "drains", "paced", "scale", "errors"),
+        *("idle", "soak", "batch", "ratios", "targets"),
+    ]
+    assert doc["soak"] == {"error": "soak: RuntimeError: down"}
+    assert doc["batch"]["methods"] == {"Producer.publish": {"error": "boom"}}
+    assert doc["ratios"][0] == {
+        "latency_ms_pabx": 20.0,
+        "kind": "worker",
+        "rate": 900.0,
+        "pika": 50.0,
+        "vs_pika": 18.0,
+        "faststream": 300.0,
+        "vs_faststream": 3.0,
+    }
+    by_target = {t["target"]: t for t in doc["targets"]}
+    assert by_target["idle RSS"] == {
+        "target": "idle RSS",
+        "wanted": "≤ 60 MB",
+        "measured": 40.0,
+        "ok": True,
+    }
+    assert by_target["throughput vs pika tutorial @20 ms"]["ok"] is True
+
+
+def test_the_report_prints_every_part() -> None:
+    out = io.StringIO()
+    print_report(results(), Console(file=out, width=220))
+    text = out.getvalue()
+    assert "18.00x" in text  # worker vs the pika tutorial
+    assert "soak error" in text and "boom" in text
