@@ -10,7 +10,7 @@ Two levels:
 
 * in process (no servers): each message is encoded by pika as a producer would, decoded by
   py-amqp as the worker's connection does (``inbound_header``), then carried through
-  ``_to_delivery`` → ``Processor.prepare``/``execute`` → ``_publications``; every
+  ``to_delivery`` → ``Processor.prepare``/``execute`` → ``fate_of``; every
   publication must be encodable again within the broker's frame size;
 * through RabbitMQ: the whole corpus, then hypothesis-generated batches, go to a running
   worker; a valid command sent last must still be accepted.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,17 +35,11 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests.chaos.harness import Rig, size
-from tests.integration.conftest import RunningWorker, private_settings
-from worker.consumer import (
-    MAX_COPIED_HEADER_BYTES,
-    MAX_REASON_CHARS,
-    _fate,
-    _Job,
-    _to_delivery,
-    _tolerate_non_utf8_properties,
-)
+from tests.integration.conftest import RunningWorker, private_settings, through_the_wire
 from worker.errors import InvalidCommand
 from worker.fakes import FakePabx
+from worker.fate import MAX_COPIED_HEADER_BYTES, MAX_REASON_CHARS, fate_of
+from worker.inbound import to_delivery
 from worker.messages import Delivery, decode_command, raw_event_id, readable_command_id
 from worker.models import OutcomeEvent
 from worker.pipeline import Decision, Finish, Policy, Prepared, Processor
@@ -517,18 +510,6 @@ def amqp_properties(case: Case, correlation_id: str | None) -> dict[str, Any]:
     return {k: v for k, v in props.items() if v is not None}
 
 
-def through_the_wire(body: bytes, props: dict[str, Any], redelivered: bool = False) -> Message:
-    """The message as the worker's py-amqp channel builds it from pika's encoding."""
-    _tolerate_non_utf8_properties()
-    encoded = b"".join(pika.BasicProperties(**props).encode())
-    message = Message()
-    message.inbound_header(struct.pack(">HxxQ", 60, len(body)) + encoded)
-    if body:
-        message.inbound_body(body)
-    message.delivery_info = {"delivery_tag": 1, "redelivered": redelivered}
-    return message
-
-
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
 
 
@@ -546,13 +527,12 @@ def run_in_process(
 ) -> tuple[Prepared, Decision, FakePabx, list[Any]]:
     """The consumer path without a broker: decode, prepare, execute, build publications."""
     message = through_the_wire(body, props)
-    delivery = _to_delivery(message)
+    delivery = to_delivery(message)
     pabx = FakePabx()
     processor = new_processor(pabx)
     prepared = processor.prepare(delivery)
     decision = processor.execute(prepared)
-    job = _Job(1, 1, prepared, decision)
-    fate = _fate(settings_, Topology.from_settings(settings_), job)
+    fate = fate_of(settings_, Topology.from_settings(settings_), prepared, decision)
     return prepared, decision, pabx, list(fate.publications)
 
 
@@ -736,7 +716,7 @@ BODIES = (
 
 
 def _is_valid(body: bytes, props: dict[str, Any]) -> bool:
-    delivery = _to_delivery(through_the_wire(body, props))
+    delivery = to_delivery(through_the_wire(body, props))
     try:
         command = decode_command(delivery)
     except (InvalidCommand, ValueError):
@@ -785,7 +765,7 @@ def live(amqp_url: str) -> Iterator[LiveWorker]:
 
 
 def expected_event_id(body: bytes, props: dict[str, Any]) -> str:
-    delivery: Delivery = _to_delivery(through_the_wire(body, props))
+    delivery: Delivery = to_delivery(through_the_wire(body, props))
     return new_processor(FakePabx()).prepare(delivery).event_id
 
 
@@ -906,7 +886,7 @@ def test_a_message_whose_properties_cannot_be_read_is_rejected_not_fatal() -> No
             self.body = b'{"command_id": "c1"}'
             self.delivery_info: dict[str, Any] = {}
 
-    delivery = _to_delivery(Message())
+    delivery = to_delivery(Message())
     assert delivery == Delivery(body=b'{"command_id": "c1"}')
     decision = new_processor(FakePabx()).execute(new_processor(FakePabx()).prepare(delivery))
     assert isinstance(decision, Finish) and decision.status.value == "rejected"

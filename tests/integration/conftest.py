@@ -1,21 +1,32 @@
-"""Integration harness: a real RabbitMQ, the simulator over HTTP, a worker thread, pika peers."""
+"""Integration harness: a broker, the simulator over HTTP, a worker thread, peers.
+
+The broker is the real RabbitMQ, read and written by a pika :class:`Peer`; a test that asks
+for the ``backend`` fixture by parametrization (:data:`ON_BOTH_BROKERS`) runs twice, once on
+the in-memory broker (:class:`~worker.memory_broker.MemoryBroker`, with a
+:class:`MemoryPeer` of the same methods) and once on RabbitMQ (marked ``integration``).
+"""
 
 from __future__ import annotations
 
 import json
+import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import pika
 import pytest
 import requests
+from amqp import Message
 
 from worker.app import build_processor
+from worker.channel import Connect
 from worker.consumer import Worker
+from worker.inbound import tolerate_non_utf8_properties
+from worker.memory_broker import MemoryBroker, StoredMessage
 from worker.settings import Settings, load_settings
 from worker.simulator import SimulatorThread
 from worker.topology import Topology
@@ -78,6 +89,17 @@ def private_settings(amqp_url: str, sim_url: str, **values: Any) -> Settings:
     return load_settings(None, **defaults)
 
 
+#: The brokers a test runs on: ``@ON_BOTH_BROKERS`` on a test using ``worker``/``peer``.
+BACKENDS = ("memory", pytest.param("rabbitmq", marks=pytest.mark.integration))
+ON_BOTH_BROKERS = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """``rabbitmq`` unless the test is parametrized with ON_BOTH_BROKERS."""
+    return str(getattr(request, "param", "rabbitmq"))
+
+
 @dataclass
 class Peer:
     """A pika client: publishes commands and reads results, parked and unrouted messages."""
@@ -87,6 +109,15 @@ class Peer:
     channel: Any
     results_queue: str = ""
     seen: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+    #: How a worker reaches this peer's broker: None is ``settings.amqp_url``.
+    connect: Connect | None = None
+
+    def temporary_queue(self) -> str:
+        """A new exclusive queue with a server-chosen name."""
+        return str(self.channel.queue_declare("", exclusive=True).method.queue)
+
+    def sleep(self, seconds: float) -> None:
+        self.connection.sleep(seconds)
 
     def publish(self, body: bytes | dict[str, Any], **props: Any) -> None:
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
@@ -126,13 +157,121 @@ class Peer:
         return int(self.channel.queue_declare(queue, passive=True).method.message_count)
 
 
-@pytest.fixture
-def settings(amqp_url: str, sim: SimulatorThread) -> Settings:
-    return private_settings(amqp_url, sim.url)
+def through_the_wire(body: bytes, props: Mapping[str, Any], redelivered: bool = False) -> Message:
+    """The message as the worker's py-amqp channel builds it from pika's encoding."""
+    tolerate_non_utf8_properties()
+    encoded = b"".join(pika.BasicProperties(**props).encode())
+    message = Message()
+    message.inbound_header(struct.pack(">HxxQ", 60, len(body)) + encoded)
+    if body:
+        message.inbound_body(body)
+    message.delivery_info = {"delivery_tag": 1, "redelivered": redelivered}
+    return message
+
+
+#: py-amqp property names that pika spells otherwise.
+_PIKA_NAMES = {"application_headers": "headers"}
+
+
+def as_pika_properties(properties: Mapping[str, Any]) -> pika.BasicProperties:
+    """Properties as a pika consumer would read them, so assertions read alike on both."""
+    return pika.BasicProperties(**{_PIKA_NAMES.get(k, k): v for k, v in properties.items()})
+
+
+@dataclass
+class MemoryPeer:
+    """The :class:`Peer` methods on a :class:`MemoryBroker`.
+
+    What it publishes goes through pika's encoding and py-amqp's decoding first, so the
+    worker reads the same properties as from RabbitMQ; what it reads comes back as pika's
+    ``BasicProperties``.
+    """
+
+    settings: Settings
+    broker: MemoryBroker
+    results_queue: str = ""
+    seen: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def connect(self) -> Connect:
+        return self.broker.connect
+
+    def publish(self, body: bytes | dict[str, Any], **props: Any) -> None:
+        raw = json.dumps(body).encode() if isinstance(body, dict) else body
+        props.setdefault("content_type", "application/json")
+        props.setdefault("delivery_mode", 2)
+        properties = through_the_wire(raw, props).properties
+        routed = self.broker.publish(
+            self.settings.commands_exchange, self.settings.routing_key, raw, properties
+        )
+        assert routed, "unroutable (pika's mandatory publish would raise)"
+
+    def events(self, count: int, timeout: float = 15.0) -> list[tuple[Any, dict[str, Any]]]:
+        """Wait for ``count`` outcome events in all (properties, event)."""
+        for message in self._take(self.results_queue, count - len(self.seen), timeout):
+            self.seen.append((as_pika_properties(message.properties), json.loads(message.body)))
+        return list(self.seen)
+
+    def drain(self, queue: str, count: int, timeout: float = 10.0) -> list[tuple[Any, bytes]]:
+        return [
+            (as_pika_properties(m.properties), m.body) for m in self._take(queue, count, timeout)
+        ]
+
+    def _take(self, queue: str, count: int, timeout: float) -> list[StoredMessage]:
+        got: list[StoredMessage] = []
+
+        def enough() -> bool:
+            while len(got) < count and (message := self.broker.get(queue)) is not None:
+                got.append(message)
+            return len(got) >= count
+
+        self.broker.wait_for(enough, timeout)
+        return got
+
+    def queue_length(self, queue: str) -> int:
+        return self.broker.queue_length(queue)
+
+    def temporary_queue(self) -> str:
+        return self.broker.declare_queue("")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+#: The peer of either broker.
+AnyPeer = Peer | MemoryPeer
 
 
 @pytest.fixture
-def peer(settings: Settings) -> Iterator[Peer]:
+def settings(backend: str, sim: SimulatorThread, request: pytest.FixtureRequest) -> Settings:
+    if backend == "memory":
+        return private_settings("amqp://memory.invalid:1/%2F", sim.url)
+    return private_settings(request.getfixturevalue("amqp_url"), sim.url)
+
+
+@pytest.fixture
+def peer(backend: str, settings: Settings) -> Iterator[AnyPeer]:
+    if backend == "memory":
+        yield memory_peer(settings, MemoryBroker())
+        return
+    yield from pika_peer(settings)
+
+
+def memory_peer(settings: Settings, broker: MemoryBroker) -> MemoryPeer:
+    """A peer on ``broker`` with the topology declared and a queue bound to every outcome."""
+    topology = Topology.from_settings(settings)
+    for ex in topology.exchanges:
+        broker.declare_exchange(ex.name, ex.type, ex.arguments)
+    for q in topology.queues:
+        broker.declare_queue(q.name, q.arguments)
+    for b in topology.bindings:
+        broker.bind(b.queue, b.exchange, b.routing_key)
+    results = broker.declare_queue("")
+    broker.bind(results, settings.results_exchange, "#")
+    return MemoryPeer(settings, broker, results)
+
+
+def pika_peer(settings: Settings) -> Iterator[Peer]:
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     channel = connection.channel()
     channel.confirm_delivery()
@@ -154,10 +293,10 @@ def peer(settings: Settings) -> Iterator[Peer]:
 
 
 class RunningWorker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connect: Connect | None = None) -> None:
         self._processor_cm = build_processor(settings)
         self.processor = self._processor_cm.__enter__()
-        self.worker = Worker(settings, self.processor)
+        self.worker = Worker(settings, self.processor, connect=connect)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -178,8 +317,8 @@ class RunningWorker:
 
 
 @pytest.fixture
-def worker(settings: Settings, peer: Peer) -> Iterator[RunningWorker]:
-    running = RunningWorker(settings)
+def worker(settings: Settings, peer: AnyPeer) -> Iterator[RunningWorker]:
+    running = RunningWorker(settings, peer.connect)
     yield running
     running.stop()
     assert running.error is None
