@@ -21,9 +21,10 @@ What it models, as RabbitMQ does it, and only as far as the worker's behaviour n
   ``x-dead-letter-routing-key`` (the retry queues), ``x-max-length`` with ``drop-head``;
 * consumers with a per-consumer prefetch (``basic_qos`` applies to later consumers),
   ``basic_ack``, ``basic_reject`` with or without requeue (without: dead-lettered);
-* redelivery: a message requeued, or unacked when its connection closes, comes back first
-  with ``redelivered`` set; on a quorum queue with ``x-delivery-count`` too, and
-  dead-lettered once that passes ``x-delivery-limit``;
+* redelivery: a message requeued, or unacked when its connection closes, comes back with
+  ``redelivered`` set: first on a classic queue, last on a quorum queue (as RabbitMQ 3.10
+  does), where the broker's ``x-delivery-count`` replaces the producer's on every delivery
+  and a message past ``x-delivery-limit`` is dead-lettered;
 * a declare with other arguments than the existing ones raises ``PreconditionFailed``;
   :meth:`MemoryBroker.close_connections` drops every connection (the worker reconnects).
 
@@ -335,8 +336,10 @@ class MemoryBroker:
         stored = replace(message, delivery_info={}, redelivered=True, delivery_count=count)
         if queue.quorum and isinstance(limit, int) and count > limit:
             self._dead_letter(queue, stored)
-            return
-        queue.messages.appendleft(stored)
+        elif queue.quorum:  # RabbitMQ 3.10's quorum queues requeue at the back
+            queue.messages.append(stored)
+        else:
+            queue.messages.appendleft(stored)
         self._dispatch()
 
     def _settle(self, channel: MemoryChannel, tag: int, requeue: bool | None) -> None:
@@ -369,7 +372,7 @@ class MemoryBroker:
         channel = consumer.channel
         tag = channel.next_tag()
         properties = dict(message.properties)
-        if message.redelivered and self._queues[consumer.queue].quorum:
+        if self._queues[consumer.queue].quorum:  # set by the broker, 0 on a first delivery
             headers = {**message.headers, hdr.DELIVERY_COUNT: message.delivery_count}
             properties["application_headers"] = headers
         info = {
