@@ -260,9 +260,15 @@ class MemoryBroker:
         self._connections.remove(connection)
         self._consumers = [c for c in self._consumers if c.channel.connection is not connection]
         for channel in connection.channels:
-            for unacked in reversed(list(channel.unacked.values())):
-                self._requeue(unacked)
+            held = list(channel.unacked.values())
             channel.unacked.clear()
+            # Back in delivery order: classic queues take them at the head, quorum at the tail.
+            for unacked in reversed(held):
+                if not self._queues[unacked.queue].quorum:
+                    self._requeue(unacked)
+            for unacked in held:
+                if self._queues[unacked.queue].quorum:
+                    self._requeue(unacked)
             channel.pending.clear()
         self._changed.notify_all()
 
