@@ -164,7 +164,7 @@ def test_parked_headers_match_the_worker(doc: dict[str, Any]) -> None:
     assert set(headers["x-pabx-error-code"]["enum"]) == codes
     assert headers["x-pabx-status"]["enum"] == ["rejected", "failed"]
     assert headers["x-pabx-error"]["maxLength"] == 512
-    from worker.consumer import MAX_REASON_CHARS
+    from worker.fate import MAX_REASON_CHARS
 
     assert MAX_REASON_CHARS == 512
 

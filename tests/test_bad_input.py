@@ -10,10 +10,11 @@ Two levels:
 
 * in process (no servers): each message is encoded by pika as a producer would, decoded by
   py-amqp as the worker's connection does (``inbound_header``), then carried through
-  ``_to_delivery`` → ``Processor.prepare``/``execute`` → ``_publications``; every
+  ``to_delivery`` → ``Processor.prepare``/``execute`` → ``fate_of``; every
   publication must be encodable again within the broker's frame size;
-* through RabbitMQ: the whole corpus, then hypothesis-generated batches, go to a running
-  worker; a valid command sent last must still be accepted.
+* through a running worker, once on the in-memory broker and once on RabbitMQ
+  (``integration``): the whole corpus, then hypothesis-generated batches; a valid command
+  sent last must still be accepted.
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import struct
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pika
 import pytest
 from amqp import Message
 from amqp.serialization import dumps
@@ -36,23 +35,25 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tests.chaos.harness import size
-from tests.kit.processes import RunningWorker
-from tests.kit.rig import Rig
-from tests.kit.topology import private_settings
-from worker.consumer import (
-    MAX_COPIED_HEADER_BYTES,
-    MAX_REASON_CHARS,
-    _fate,
-    _Job,
-    _to_delivery,
-    _tolerate_non_utf8_properties,
+from tests.integration.conftest import (
+    API_KEY,
+    BACKENDS,
+    AnyPeer,
+    RunningWorker,
+    open_peer,
+    private_settings,
+    through_the_wire,
+    url_for,
 )
 from worker.errors import InvalidCommand
 from worker.fakes import FakePabx
+from worker.fate import MAX_COPIED_HEADER_BYTES, MAX_REASON_CHARS, fate_of
+from worker.inbound import to_delivery
 from worker.messages import Delivery, decode_command, raw_event_id, readable_command_id
 from worker.models import OutcomeEvent
 from worker.pipeline import Decision, Finish, Policy, Prepared, Processor
 from worker.settings import PabxTarget, Settings
+from worker.simulator import SimulatorThread
 from worker.store.memory import MemoryStore
 from worker.topology import Topology
 
@@ -519,18 +520,6 @@ def amqp_properties(case: Case, correlation_id: str | None) -> dict[str, Any]:
     return {k: v for k, v in props.items() if v is not None}
 
 
-def through_the_wire(body: bytes, props: dict[str, Any], redelivered: bool = False) -> Message:
-    """The message as the worker's py-amqp channel builds it from pika's encoding."""
-    _tolerate_non_utf8_properties()
-    encoded = b"".join(pika.BasicProperties(**props).encode())
-    message = Message()
-    message.inbound_header(struct.pack(">HxxQ", 60, len(body)) + encoded)
-    if body:
-        message.inbound_body(body)
-    message.delivery_info = {"delivery_tag": 1, "redelivered": redelivered}
-    return message
-
-
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
 
 
@@ -548,13 +537,12 @@ def run_in_process(
 ) -> tuple[Prepared, Decision, FakePabx, list[Any]]:
     """The consumer path without a broker: decode, prepare, execute, build publications."""
     message = through_the_wire(body, props)
-    delivery = _to_delivery(message)
+    delivery = to_delivery(message)
     pabx = FakePabx()
     processor = new_processor(pabx)
     prepared = processor.prepare(delivery)
     decision = processor.execute(prepared)
-    job = _Job(1, 1, prepared, decision)
-    fate = _fate(settings_, Topology.from_settings(settings_), job)
+    fate = fate_of(settings_, Topology.from_settings(settings_), prepared, decision)
     return prepared, decision, pabx, list(fate.publications)
 
 
@@ -738,7 +726,7 @@ BODIES = (
 
 
 def _is_valid(body: bytes, props: dict[str, Any]) -> bool:
-    delivery = _to_delivery(through_the_wire(body, props))
+    delivery = to_delivery(through_the_wire(body, props))
     try:
         command = decode_command(delivery)
     except (InvalidCommand, ValueError):
@@ -765,95 +753,82 @@ def test_generated_messages_get_one_clear_outcome_in_process(
         check_rejected_and_parked(unit_settings, body, props)
 
 
-# -- through RabbitMQ -----------------------------------------------------------------------
+# -- through a running worker, on the in-memory broker and on RabbitMQ -------------------------
 
 
 @dataclass
 class LiveWorker:
-    rig: Rig
+    peer: AnyPeer
     running: RunningWorker
 
 
-@pytest.fixture(scope="module")
-def live(amqp_url: str) -> Iterator[LiveWorker]:
-    rig = Rig(amqp_url, concurrency=8)
-    running = RunningWorker(rig.settings)
-    try:
-        yield LiveWorker(rig, running)
-    finally:
-        running.stop()
-        rig.close()
+@pytest.fixture(scope="module", params=BACKENDS)
+def live(request: pytest.FixtureRequest) -> Iterator[LiveWorker]:
+    with SimulatorThread(api_key=API_KEY) as sim:
+        settings_ = private_settings(url_for(request.param, request), sim.url, concurrency=8)
+        with open_peer(settings_) as peer:
+            running = RunningWorker(settings_, peer.connect)
+            try:
+                yield LiveWorker(peer, running)
+            finally:
+                running.stop()
     assert running.error is None
 
 
 def expected_event_id(body: bytes, props: dict[str, Any]) -> str:
-    delivery: Delivery = _to_delivery(through_the_wire(body, props))
+    delivery: Delivery = to_delivery(through_the_wire(body, props))
     return new_processor(FakePabx()).prepare(delivery).event_id
 
 
 def publish_and_collect(
     live: LiveWorker, messages: list[tuple[str, bytes, dict[str, Any]]], timeout: float
-) -> dict[str, list[Any]]:
-    """Publish; returns the outcome events (``Seen``) per message name, matched by event id."""
-    rig = live.rig
+) -> dict[str, list[dict[str, Any]]]:
+    """Publish; returns the outcome events per message name, matched by event id."""
+    peer = live.peer
     wanted = {expected_event_id(body, props): name for name, body, props in messages}
     assert len(wanted) == len(messages), "two messages would share an event id"
     for _, body, props in messages:
-        rig.peer.channel.basic_publish(
-            rig.settings.commands_exchange,
-            rig.settings.routing_key,
-            body,
-            pika.BasicProperties(**props),
-            mandatory=True,
-        )
+        peer.send(body, props)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rig.poll()
-        if wanted.keys() <= {s.event["id"] for s in rig.seen}:
+        seen = peer.events(len(peer.seen) + 1, timeout=0.2)
+        if wanted.keys() <= {event["id"] for _, event in seen}:
             break
-        rig.peer.connection.sleep(0.05)
-    found: dict[str, list[Any]] = {name: [] for name in wanted.values()}
-    for seen in rig.seen:
-        name = wanted.get(seen.event["id"])
+    found: dict[str, list[dict[str, Any]]] = {name: [] for name in wanted.values()}
+    for _, event in peer.seen:
+        name = wanted.get(event["id"])
         if name is not None:
-            found[name].append(seen)
+            found[name].append(event)
     return found
-
-
-def drain_parked(rig: Rig, count: int, timeout: float = 10.0) -> list[tuple[Any, bytes]]:
-    parked: list[tuple[Any, bytes]] = []
-    deadline = time.monotonic() + timeout
-    while len(parked) < count and time.monotonic() < deadline:
-        parked += rig.drain(rig.settings.parked_queue)
-        rig.peer.connection.sleep(0.05)
-    return parked
 
 
 def assert_alive_and_flowing(live: LiveWorker) -> None:
     """The worker never crashed or reconnected, and a valid command still goes through."""
-    rig, running = live.rig, live.running
+    peer, running = live.peer, live.running
     sentinel = valid(f"sentinel-{uuid.uuid4().hex}")
-    rig.publish([sentinel])
-    assert rig.wait_outcomes([sentinel["command_id"]], 20)
-    assert rig.events()[sentinel["command_id"]][0]["data"]["status"] == "accepted"
+    peer.publish(sentinel)
+    deadline = time.monotonic() + 20
+    outcome: list[dict[str, Any]] = []
+    while not outcome and time.monotonic() < deadline:
+        seen = peer.events(len(peer.seen) + 1, timeout=0.2)
+        outcome = [e for _, e in seen if e["data"]["command_id"] == sentinel["command_id"]]
+    assert outcome and outcome[0]["data"]["status"] == "accepted"
     assert running.thread.is_alive() and running.error is None
     assert running.worker.state.sessions == 1
-    assert rig.queue_length() == 0
+    assert peer.queue_length(peer.settings.command_queue) == 0
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(120)
-def test_the_corpus_through_rabbitmq(live: LiveWorker) -> None:
-    rig = live.rig
+def test_the_corpus_through_the_worker(live: LiveWorker) -> None:
     messages = [(c.name, c.body, amqp_properties(c, f"corr-{c.name}")) for c in CORPUS]
     found = publish_and_collect(live, messages, timeout=60)
     missing = sorted(name for name, events in found.items() if not events)
     assert missing == []
     for name, events in found.items():
-        assert len({s.event["id"] for s in events}) == 1, name
-        data = events[0].event["data"]
+        assert len({event["id"] for event in events}) == 1, name
+        data = events[0]["data"]
         assert (data["status"], data["error"]["code"]) == ("rejected", "invalid_command"), name
-    parked = drain_parked(rig, len(CORPUS))
+    parked = live.peer.drain(live.peer.settings.parked_queue, len(CORPUS))
     by_body = {hashlib.sha256(c.body).digest(): c for c in CORPUS}
     assert sorted(by_body[hashlib.sha256(body).digest()].name for _, body in parked) == sorted(
         c.name for c in CORPUS
@@ -865,7 +840,6 @@ def test_the_corpus_through_rabbitmq(live: LiveWorker) -> None:
     assert_alive_and_flowing(live)
 
 
-@pytest.mark.integration
 @pytest.mark.timeout(size(120, 600))
 @settings(
     max_examples=size(15, 100),
@@ -873,10 +847,10 @@ def test_the_corpus_through_rabbitmq(live: LiveWorker) -> None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 @given(batch=st.lists(st.tuples(BODIES, PROPS), min_size=1, max_size=8))
-def test_generated_messages_through_rabbitmq(
+def test_generated_messages_through_the_worker(
     live: LiveWorker, batch: list[tuple[bytes, dict[str, Any]]]
 ) -> None:
-    live.rig.seen.clear()
+    live.peer.seen.clear()
     messages: list[tuple[str, bytes, dict[str, Any]]] = []
     ids: set[str] = set()
     for i, (body, props) in enumerate(batch):
@@ -890,9 +864,9 @@ def test_generated_messages_through_rabbitmq(
     found = publish_and_collect(live, messages, timeout=30)
     for name, events in found.items():
         assert events, f"no outcome for {name}: {messages}"
-        assert len({s.event["id"] for s in events}) == 1
-        assert events[0].event["data"]["status"] == "rejected"
-    parked = drain_parked(live.rig, len(messages))
+        assert len({event["id"] for event in events}) == 1
+        assert events[0]["data"]["status"] == "rejected"
+    parked = live.peer.drain(live.peer.settings.parked_queue, len(messages))
     assert len(parked) == len(messages)
     assert live.running.thread.is_alive() and live.running.worker.state.sessions == 1
 
@@ -908,7 +882,7 @@ def test_a_message_whose_properties_cannot_be_read_is_rejected_not_fatal() -> No
             self.body = b'{"command_id": "c1"}'
             self.delivery_info: dict[str, Any] = {}
 
-    delivery = _to_delivery(Message())
+    delivery = to_delivery(Message())
     assert delivery == Delivery(body=b'{"command_id": "c1"}')
     decision = new_processor(FakePabx()).execute(new_processor(FakePabx()).prepare(delivery))
     assert isinstance(decision, Finish) and decision.status.value == "rejected"

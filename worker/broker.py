@@ -59,6 +59,7 @@ from amqp.exceptions import (
 from amqp.exceptions import ConnectionError as AmqpConnectionError
 from kombu import Connection
 
+from worker.channel import AmqpConnection
 from worker.errors import BrokerError, ConfigurationError, PabxWorkerError
 from worker.settings import ENV_PREFIX
 
@@ -278,7 +279,7 @@ def parse_urls(url: str) -> list[Target]:
     return [_parse(text, _which(i, len(texts))) for i, text in enumerate(texts)]
 
 
-def where(connection: Connection) -> str:
+def where(connection: AmqpConnection) -> str:
     """host:port of a connection, never its credentials."""
     info = connection.info()
     return f"{info.get('hostname')}:{info.get('port')}"

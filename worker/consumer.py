@@ -16,22 +16,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
-from kombu import Connection
-
-from worker import headers as hdr
 from worker.broker import broker_errors, connect, where
+from worker.channel import AmqpConnection, Connect, InboundMessage
 from worker.circuit import CircuitState
 from worker.dispatch import KeyedExecutor
 from worker.errors import BrokerError, StoreError
-from worker.messages import Delivery, header_count
-from worker.models import ErrorInfo
+from worker.fate import fate_of
+from worker.inbound import to_delivery, tolerate_non_utf8_properties
 from worker.observability import CIRCUIT_VALUES, Metrics
-from worker.outcomes import CONTENT_TYPE, routing_key_for
 from worker.pipeline import Decision, Finish, Prepared, Processor, Requeue, Retry
-from worker.publisher import ConfirmingPublisher, Publication
+from worker.publisher import ConfirmingPublisher
 from worker.settings import Settings
 from worker.topology import Topology
 
@@ -47,10 +42,6 @@ IDLE_POLL_S = 0.2
 MAX_RECONNECT_WAIT_S = 10.0
 #: How often records past the retention period are dropped from the store.
 PURGE_EVERY_S = 3600.0
-#: Largest ``x-pabx-error`` header on a parked copy.
-MAX_REASON_CHARS = 512
-#: Largest encoded size of the producer's headers kept on a parked or retry copy.
-MAX_COPIED_HEADER_BYTES = 16 * 1024
 
 
 @dataclass
@@ -75,19 +66,6 @@ class _Job:
     received: float = field(default_factory=time.monotonic)
 
 
-@dataclass(frozen=True)
-class _Fate:
-    """What the connection thread does with a delivery once it is decided.
-
-    Every publication is published with confirms; the delivery is acked once all are
-    confirmed, and given back to the broker if one is not. With ``requeue``, it is given
-    back at once.
-    """
-
-    publications: tuple[Publication, ...] = ()
-    requeue: bool = False
-
-
 @dataclass
 class _Unacked:
     """A delivery waiting for its publications to be confirmed."""
@@ -97,18 +75,28 @@ class _Unacked:
 
 
 class Worker:
-    """Consumes commands until :meth:`stop`; reconnects when the broker goes away."""
+    """Consumes commands until :meth:`stop`; reconnects when the broker goes away.
+
+    ``connect`` opens each session's connection: by default to ``settings.amqp_url``
+    (:func:`worker.broker.connect`); tests pass ``MemoryBroker.connect``.
+    """
 
     def __init__(
-        self, settings: Settings, processor: Processor, metrics: Metrics | None = None
+        self,
+        settings: Settings,
+        processor: Processor,
+        metrics: Metrics | None = None,
+        *,
+        connect: Connect | None = None,
     ) -> None:
         self._settings = settings
+        self._connect = connect or self._connect_to_broker
         self._processor = processor
         self._topology = Topology.from_settings(settings)
         self._stop = threading.Event()
         self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._executor = KeyedExecutor(settings.concurrency)
-        _tolerate_non_utf8_properties()
+        tolerate_non_utf8_properties()
         self.state = WorkerState()
         self.metrics = metrics or Metrics()
         self.metrics.in_flight.set_function(lambda: self.state.in_flight)
@@ -160,10 +148,9 @@ class Worker:
 
     # -- one connection's lifetime ------------------------------------------------------
 
-    def _session(self) -> None:
-        self.state.sessions += 1
-        session = self.state.sessions
-        connection = connect(
+    def _connect_to_broker(self, session: int) -> AmqpConnection:
+        """The connection to ``settings.amqp_url`` (failover starts at URL ``session - 1``)."""
+        connection: AmqpConnection = connect(
             self._settings.amqp_url,
             start=session - 1,
             heartbeat=self._settings.heartbeat_s,
@@ -171,6 +158,12 @@ class Worker:
             cert_file=self._settings.amqp_cert_file,
             key_file=self._settings.amqp_key_file,
         )
+        return connection
+
+    def _session(self) -> None:
+        self.state.sessions += 1
+        session = self.state.sessions
+        connection = self._connect(session)
         try:
             self.state.connected = True
             log.info("connected to the broker", extra={"broker": where(connection)})
@@ -196,7 +189,7 @@ class Worker:
 class _Session:
     """The loop over one open connection."""
 
-    def __init__(self, worker: Worker, connection: Connection, session: int) -> None:
+    def __init__(self, worker: Worker, connection: AmqpConnection, session: int) -> None:
         self.worker = worker
         self.settings = worker._settings
         self.connection = connection
@@ -292,8 +285,8 @@ class _Session:
             self.worker.state.consuming = False
             self.worker.ready.clear()
 
-    def _on_message(self, message: Any) -> None:
-        delivery = _to_delivery(message)
+    def _on_message(self, message: InboundMessage) -> None:
+        delivery = to_delivery(message)
         prepared = self.worker._processor.prepare(delivery)
         issued = prepared.command.issued_at if prepared.command else None
         if (since := issued or delivery.timestamp) is not None:
@@ -314,7 +307,7 @@ class _Session:
             self._carry_out(job)
 
     def _carry_out(self, job: _Job) -> None:
-        fate = _fate(self.settings, self.worker._topology, job)
+        fate = fate_of(self.settings, self.worker._topology, job.prepared, job.decision)
         tag = job.delivery_tag
         if fate.requeue:
             self.channel.basic_reject(tag, requeue=True)
@@ -364,229 +357,3 @@ class _Session:
             self.channel.basic_ack(delivery_tag)
         else:
             self.channel.basic_reject(delivery_tag, requeue=True)
-
-
-_LENIENT_LOCK = threading.Lock()
-
-
-def _tolerate_non_utf8_properties() -> None:
-    """Let py-amqp read message properties that are not UTF-8 (idempotent).
-
-    py-amqp decodes short strings (content_type, correlation_id, message_id, header
-    names ...) as strict UTF-8 while it reads the frame, before any callback: one such
-    message from any producer raised out of ``drain_events`` and stopped the worker.
-    When the strict decoding fails, the properties are decoded again with U+FFFD for
-    the bad bytes; the message is then handled like any other (and rejected when its
-    content type or id is unusable).
-    """
-    from amqp import serialization
-    from amqp.spec import Basic
-
-    strict = serialization.PROPERTY_CLASSES[Basic.CLASS_ID]
-    if getattr(strict, "lenient", False):
-        return
-
-    def lenient_str(value: Any) -> Any:
-        return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-    def decode(buf: Any, offset: int) -> Any:
-        try:
-            return strict(buf, offset)
-        except UnicodeDecodeError:
-            with _LENIENT_LOCK:
-                saved = serialization.pstr_t
-                serialization.pstr_t = lenient_str
-                try:
-                    return strict(buf, offset)
-                finally:
-                    serialization.pstr_t = saved
-
-    decode.lenient = True  # type: ignore[attr-defined]
-    serialization.PROPERTY_CLASSES[Basic.CLASS_ID] = decode
-
-
-def _to_delivery(message: Any) -> Delivery:
-    """The message as the pipeline sees it; never raises.
-
-    Properties that cannot be read (a bug, not bad input: each one is handled below) give
-    a delivery with the body only, which then ends ``rejected`` like any unusable command.
-    """
-    try:
-        return _read_delivery(message)
-    except Exception:
-        log.exception("could not read a message's properties")
-        body = message.body if isinstance(message.body, bytes | bytearray) else b""
-        return Delivery(body=bytes(body))
-
-
-def _read_delivery(message: Any) -> Delivery:
-    props = message.properties
-    headers = props.get("application_headers") or {}
-    stamp = props.get("timestamp")
-    timestamp = None
-    if isinstance(stamp, int | float):
-        with contextlib.suppress(OverflowError, OSError, ValueError):  # year 10^11
-            timestamp = datetime.fromtimestamp(stamp, UTC)
-    elif isinstance(stamp, datetime):
-        timestamp = stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp
-    body = _body_bytes(message.body, props.get("content_encoding"))
-    redelivered = bool(message.delivery_info.get("redelivered"))
-    return Delivery(
-        body=body,
-        content_type=props.get("content_type"),
-        content_encoding=props.get("content_encoding"),
-        message_id=props.get("message_id"),
-        correlation_id=props.get("correlation_id"),
-        reply_to=props.get("reply_to"),
-        user_id=props.get("user_id"),
-        timestamp=timestamp,
-        headers=headers,
-        redelivered=redelivered,
-        # Only the broker's count is trusted: a producer may set the header itself.
-        delivery_count=header_count(headers, hdr.DELIVERY_COUNT) if redelivered else 0,
-    )
-
-
-def _body_bytes(body: Any, encoding: str | None) -> bytes:
-    """The body as bytes: py-amqp gives ``""`` (str) for an empty body."""
-    if isinstance(body, str):
-        try:
-            return body.encode(encoding or "utf-8", "surrogateescape")
-        except (LookupError, ValueError):  # unknown codec; a name with a NUL is a ValueError
-            return body.encode("utf-8", "surrogatepass")
-    return bytes(body)
-
-
-def _fate(settings: Settings, topology: Topology, job: _Job) -> _Fate:
-    """What becomes of a delivery, from its decision: the one place that says so."""
-    delivery = job.prepared.delivery
-    match job.decision:
-        case Requeue():
-            return _Fate(requeue=True)
-        case Retry() as retry:
-            return _Fate((_retry_copy(topology, delivery, retry),))
-        case Finish() as finish:
-            return _Fate(tuple(_outcome_publications(settings, topology, job.prepared, finish)))
-    raise TypeError(f"not a decision: {job.decision!r}")  # pragma: no cover
-
-
-def _outcome_publications(
-    settings: Settings, topology: Topology, prepared: Prepared, finish: Finish
-) -> list[Publication]:
-    """The outcome event, a reply if asked for, and the parked copy of a failure."""
-    delivery = prepared.delivery
-    props = {
-        "content_type": CONTENT_TYPE,
-        "message_id": prepared.event_id,
-        "correlation_id": delivery.correlation_id or prepared.command_id,
-        "timestamp": int(time.time()),
-    }
-    props = {k: v for k, v in props.items() if v is not None}
-    result = [
-        Publication(
-            finish.event,
-            settings.results_exchange,
-            routing_key_for(finish.status),
-            props,
-            mandatory=True,
-        )
-    ]
-    if delivery.reply_to and _may_reply_to(settings, topology, delivery.reply_to):
-        result.append(Publication(finish.event, "", delivery.reply_to, props))
-    if finish.park and finish.error is not None and not finish.duplicate:
-        result.append(_parked_copy(settings, delivery, finish, finish.error))
-    return result
-
-
-def _may_reply_to(settings: Settings, topology: Topology, queue: str) -> bool:
-    """Never reply into the topology: an outcome there would be consumed as a command."""
-    own = {
-        settings.command_queue,
-        settings.parked_queue,
-        settings.unrouted_exchange,
-        *topology.retry_queues.values(),
-    }
-    if queue in own or queue.startswith("pabx."):
-        log.warning("reply_to names a topology queue: not replied to", extra={"queue": queue})
-        return False
-    return True
-
-
-def _original_properties(delivery: Delivery, headers: dict[str, Any]) -> dict[str, Any]:
-    props: dict[str, Any] = {
-        "content_type": delivery.content_type,
-        "content_encoding": delivery.content_encoding,
-        "message_id": delivery.message_id,
-        "correlation_id": delivery.correlation_id,
-        "reply_to": delivery.reply_to,
-        "application_headers": headers,
-    }
-    if delivery.timestamp is not None:
-        props["timestamp"] = int(delivery.timestamp.timestamp())
-    return {k: v for k, v in props.items() if v is not None}
-
-
-def _retry_copy(topology: Topology, delivery: Delivery, decision: Retry) -> Publication:
-    steps = sorted(topology.retry_queues)
-    delay = next((s for s in steps if s >= decision.delay_s), steps[-1])
-    headers = _copied_headers(delivery)
-    headers[hdr.RETRIES] = header_count(headers, hdr.RETRIES) + 1
-    headers[hdr.ATTEMPTS] = decision.attempts
-    return Publication(
-        delivery.body,
-        "",
-        topology.retry_queues[delay],
-        _original_properties(delivery, headers),
-        mandatory=True,  # a retry queue that is gone must not swallow the command
-    )
-
-
-def _parked_copy(
-    settings: Settings, delivery: Delivery, decision: Finish, error: ErrorInfo
-) -> Publication:
-    headers = _copied_headers(delivery)
-    headers.update(
-        {
-            hdr.ERROR_CODE: error.code.value,
-            hdr.ERROR: error.message[:MAX_REASON_CHARS],
-            hdr.ATTEMPTS: decision.attempts,
-            hdr.STATUS: decision.status.value,
-            hdr.PARKED_AT: datetime.now(UTC).isoformat(timespec="milliseconds"),
-        }
-    )
-    return Publication(
-        delivery.body,
-        settings.dead_exchange,
-        f"{settings.routing_key}.{error.code.value}",
-        _original_properties(delivery, headers),
-        mandatory=True,
-    )
-
-
-def _copied_headers(delivery: Delivery) -> dict[str, Any]:
-    """The producer's headers for a copy, within :data:`MAX_COPIED_HEADER_BYTES`.
-
-    A copy adds headers of its own; producer headers close to the broker's frame size
-    would make it unpublishable (FRAME_ERROR closes the connection, the message comes
-    back, again and again). Headers past the budget are left out and named.
-    """
-    from amqp.serialization import dumps
-
-    kept: dict[str, Any] = {}
-    dropped: list[str] = []
-    budget = MAX_COPIED_HEADER_BYTES
-    for name, value in delivery.headers.items():
-        if name == hdr.DELIVERY_COUNT:
-            continue
-        try:
-            cost = len(dumps("F", [{name: value}]))
-        except Exception:  # not encodable again: leave it out
-            cost = budget + 1
-        if cost > budget:
-            dropped.append(str(name))
-            continue
-        budget -= cost
-        kept[name] = value
-    if dropped:
-        kept[hdr.DROPPED_HEADERS] = ",".join(dropped)[:MAX_REASON_CHARS]
-    return kept

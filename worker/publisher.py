@@ -15,6 +15,7 @@ from typing import Any
 from amqp import Message
 
 from worker import headers as hdr
+from worker.channel import AmqpChannel
 
 __all__ = ["ConfirmingPublisher", "Publication"]
 
@@ -47,7 +48,7 @@ class Publication:
 class ConfirmingPublisher:
     """Publishes on a channel in confirm mode and reports each confirm to a callback."""
 
-    def __init__(self, channel: Any) -> None:
+    def __init__(self, channel: AmqpChannel) -> None:
         self._channel = channel
         self._returned: set[int] = set()
         self._pending: OrderedDict[int, OnConfirm] = OrderedDict()

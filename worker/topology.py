@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker.channel import AmqpChannel
 from worker.errors import ConfigurationError
 from worker.settings import Settings
 
@@ -109,7 +110,7 @@ class Topology:
             retry_queues=retry,
         )
 
-    def declare(self, channel: Any) -> None:
+    def declare(self, channel: AmqpChannel) -> None:
         """Declare everything on an open py-amqp channel; a mismatch is a ConfigurationError.
 
         So is a user without configure permission: producers use ``--no-declare``.
@@ -124,7 +125,7 @@ class Topology:
                 " producers and operators without configure permission pass --no-declare"
             ) from None
 
-    def _declare(self, channel: Any) -> None:
+    def _declare(self, channel: AmqpChannel) -> None:
         from amqp.exceptions import PreconditionFailed
 
         for exchange in self.exchanges:

@@ -1,33 +1,66 @@
-"""Integration fixtures: a real RabbitMQ, the simulator over HTTP, a worker thread, pika peers.
+"""Integration fixtures: a broker, the simulator over HTTP, a worker thread, peers.
 
-The parts are the test kit's (:mod:`tests.kit`); the names below stay importable from here.
+The broker is the real RabbitMQ, read and written by a pika :class:`Peer`; a test that asks
+for the ``backend`` fixture by parametrization (:data:`ON_BOTH_BROKERS`) runs twice, once on
+the in-memory broker (:class:`~worker.memory_broker.MemoryBroker`, with a
+:class:`~tests.kit.events.MemoryPeer` of the same methods) and once on RabbitMQ (marked
+``integration``). The parts are the test kit's (:mod:`tests.kit`); the names below stay
+importable from here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-import pika
 import pytest
 
-from tests.kit import topology
-from tests.kit.events import Peer
+from tests.kit.events import (
+    MEMORY_URL,
+    AnyPeer,
+    MemoryPeer,
+    Peer,
+    open_peer,
+    through_the_wire,
+)
 from tests.kit.processes import RunningWorker, reset_sim, set_faults, sim_requests
 from tests.kit.samples import API_KEY, CHANNEL
 from tests.kit.topology import private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
-from worker.topology import Topology
 
 __all__ = [
     "API_KEY",
+    "BACKENDS",
     "CHANNEL",
+    "ON_BOTH_BROKERS",
+    "AnyPeer",
+    "MemoryPeer",
     "Peer",
     "RunningWorker",
+    "open_peer",
     "private_settings",
     "set_faults",
     "sim_requests",
+    "through_the_wire",
+    "url_for",
 ]
+
+#: The brokers a test runs on: ``@ON_BOTH_BROKERS`` on a test using ``worker``/``peer``.
+BACKENDS = ("memory", pytest.param("rabbitmq", marks=pytest.mark.integration))
+ON_BOTH_BROKERS = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> str:
+    """``rabbitmq`` unless the test is parametrized with ON_BOTH_BROKERS."""
+    return str(getattr(request, "param", "rabbitmq"))
+
+
+def url_for(backend: str, request: pytest.FixtureRequest) -> str:
+    """The broker URL for ``backend``: RabbitMQ's skips (fails under CI) when it is down."""
+    if backend == "memory":
+        return MEMORY_URL
+    return str(request.getfixturevalue("amqp_url"))
 
 
 @pytest.fixture(scope="session")
@@ -43,27 +76,24 @@ def sim(simulator: SimulatorThread) -> SimulatorThread:
 
 
 @pytest.fixture
-def settings(amqp_url: str, sim: SimulatorThread) -> Settings:
-    return private_settings(amqp_url, sim.url)
+def broker_url(backend: str, request: pytest.FixtureRequest) -> str:
+    return url_for(backend, request)
 
 
 @pytest.fixture
-def peer(settings: Settings) -> Iterator[Peer]:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
-    channel = connection.channel()
-    channel.confirm_delivery()
-    private = Topology.from_settings(settings)
-    topology.declare(channel, private)
-    results = channel.queue_declare("", exclusive=True).method.queue
-    channel.queue_bind(results, settings.results_exchange, "#")
-    yield Peer(settings, connection, channel, results)
-    topology.delete(channel, private)
-    connection.close()
+def settings(broker_url: str, sim: SimulatorThread) -> Settings:
+    return private_settings(broker_url, sim.url)
 
 
 @pytest.fixture
-def worker(settings: Settings, peer: Peer) -> Iterator[RunningWorker]:
-    running = RunningWorker(settings)
+def peer(settings: Settings) -> Iterator[AnyPeer]:
+    with open_peer(settings) as opened:
+        yield opened
+
+
+@pytest.fixture
+def worker(settings: Settings, peer: AnyPeer) -> Iterator[RunningWorker]:
+    running = RunningWorker(settings, peer.connect)
     yield running
     running.stop()
     assert running.error is None

@@ -1,4 +1,4 @@
-"""Circuit breaker on the real broker: a failing PABX pauses consumption, recovery resumes it."""
+"""Circuit breaker: a failing PABX pauses consumption, recovery resumes it (both brokers)."""
 
 from __future__ import annotations
 
@@ -6,20 +6,25 @@ import time
 
 import pytest
 
-from tests.kit.events import Peer
-from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.integration.conftest import (
+    ON_BOTH_BROKERS,
+    AnyPeer,
+    RunningWorker,
+    private_settings,
+    set_faults,
+    sim_requests,
+)
 from tests.kit.samples import command
-from tests.kit.topology import private_settings
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 
-pytestmark = pytest.mark.integration
+pytestmark = ON_BOTH_BROKERS
 
 
 @pytest.fixture
-def settings(amqp_url: str, sim: SimulatorThread) -> Settings:
+def settings(broker_url: str, sim: SimulatorThread) -> Settings:
     return private_settings(
-        amqp_url, sim.url, circuit_threshold=3, circuit_reset_s=0.5, retry_in_process_attempts=1
+        broker_url, sim.url, circuit_threshold=3, circuit_reset_s=0.5, retry_in_process_attempts=1
     )
 
 
@@ -33,7 +38,7 @@ def wait_for(predicate: object, timeout: float = 15.0) -> bool:
 
 
 def test_circuit_opens_pauses_consumption_and_closes_after_recovery(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, error_rate=1.0, fail_status=503)
     for _ in range(6):

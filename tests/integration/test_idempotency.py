@@ -1,22 +1,25 @@
-"""Idempotency on the real broker: conflicts, and one command in flight in two workers."""
+"""Idempotency: conflicts, and one command in flight in two workers (in memory and on RabbitMQ)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
-from tests.kit.events import Peer
-from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.integration.conftest import (
+    ON_BOTH_BROKERS,
+    AnyPeer,
+    RunningWorker,
+    set_faults,
+    sim_requests,
+)
 from tests.kit.samples import command
 from worker.settings import Settings
 from worker.simulator import SimulatorThread
 
-pytestmark = pytest.mark.integration
+pytestmark = ON_BOTH_BROKERS
 
 
 def test_same_id_with_another_body_is_rejected_as_conflict(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     first = command()
     peer.publish(first)
@@ -32,12 +35,12 @@ def test_same_id_with_another_body_is_rejected_as_conflict(
 
 
 def test_command_in_flight_in_one_worker_waits_in_the_other(
-    settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+    settings: Settings, peer: AnyPeer, sim: SimulatorThread, tmp_path: Path
 ) -> None:
     shared = settings.model_copy(
         update={"store_url": f"sqlite:///{tmp_path / 'shared.sqlite3'}", "concurrency": 4}
     )
-    workers = [RunningWorker(shared), RunningWorker(shared)]
+    workers = [RunningWorker(shared, peer.connect), RunningWorker(shared, peer.connect)]
     try:
         set_faults(sim, latency_ms=600)  # long enough for the copy to meet a live lease
         cmd = command()

@@ -52,7 +52,7 @@ def park(
     headers: dict[str, Any] | None = None,
     **props: Any,
 ) -> None:
-    """A parked copy as the worker writes it (consumer._parked_copy)."""
+    """A parked copy as the worker writes it (worker.fate, for a Finish that parks)."""
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
     parked_at = datetime.now(UTC) - age
     all_headers = {

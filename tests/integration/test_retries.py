@@ -1,22 +1,28 @@
-"""Deadlines, timeouts and the circuit breaker against the simulator's injected faults."""
+"""Deadlines, timeouts and the circuit breaker against the simulator's injected faults.
+
+Every test runs twice: on the in-memory broker and on RabbitMQ.
+"""
 
 from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
-from tests.kit.events import Peer
-from tests.kit.processes import RunningWorker, set_faults, sim_requests
+from tests.integration.conftest import (
+    ON_BOTH_BROKERS,
+    AnyPeer,
+    RunningWorker,
+    set_faults,
+    sim_requests,
+)
 from tests.kit.samples import command
 from worker.simulator import SimulatorThread
 
-pytestmark = pytest.mark.integration
+pytestmark = ON_BOTH_BROKERS
 
 
 def test_hang_times_out_once_and_is_not_resent(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, hang=True)
     peer.publish(command())
@@ -32,9 +38,11 @@ def test_hang_times_out_once_and_is_not_resent(
 
 
 def test_hang_is_resent_when_ambiguous_retries_are_allowed(
-    amqp_url: str, peer: Peer, sim: SimulatorThread
+    peer: AnyPeer, sim: SimulatorThread
 ) -> None:
-    running = RunningWorker(peer.settings.model_copy(update={"retry_ambiguous": True}))
+    running = RunningWorker(
+        peer.settings.model_copy(update={"retry_ambiguous": True}), peer.connect
+    )
     try:
         set_faults(sim, hang=True)
         peer.publish(command())
@@ -50,7 +58,7 @@ def test_hang_is_resent_when_ambiguous_retries_are_allowed(
 
 
 def test_past_deadline_is_expired_and_nothing_is_sent(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
     peer.publish(command(expires_at=past))
@@ -61,7 +69,7 @@ def test_past_deadline_is_expired_and_nothing_is_sent(
 
 
 def test_outage_until_the_deadline_ends_expired(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, error_rate=1.0, fail_status=503)
     soon = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()

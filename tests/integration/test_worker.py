@@ -1,51 +1,47 @@
-"""The worker end to end: pika producer → RabbitMQ → worker → simulator over HTTP → events."""
+"""The worker end to end: producer → broker → worker → simulator over HTTP → events.
+
+Each test marked ``ON_BOTH_BROKERS`` runs twice: on the in-memory broker (no server needed)
+and on RabbitMQ with a pika producer (``integration``).
+"""
 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pika
 import pytest
+from pydantic import SecretStr
 
-from tests.kit.events import Peer
-from tests.kit.processes import RunningWorker, set_faults, sim_requests
-from tests.kit.samples import API_KEY, CHANNEL, VENDOR_EXAMPLE
-from tests.kit.topology import private_settings
+from tests.integration.conftest import (
+    API_KEY,
+    CHANNEL,
+    ON_BOTH_BROKERS,
+    AnyPeer,
+    RunningWorker,
+    private_settings,
+    set_faults,
+    sim_requests,
+)
+from tests.kit.samples import VENDOR_EXAMPLE, command
 from worker.consumer import Worker
 from worker.errors import ConfigurationError
 from worker.models import OutcomeEvent
+from worker.settings import Settings
 from worker.simulator import SimulatorThread
-
-pytestmark = pytest.mark.integration
 
 VENDOR_BODY = VENDOR_EXAMPLE
 
 
-def command(command_id: str | None = None, **changes: Any) -> dict[str, Any]:
-    redirect = {
-        **VENDOR_BODY,
-        "ID_CHAMADA": f"call-{uuid.uuid4().hex[:8]}",
-        **changes.pop("redirect", {}),
-    }
-    return {
-        "command_id": command_id or f"c-{uuid.uuid4().hex}",
-        "type": "redirect",
-        "version": 1,
-        "redirect": redirect,
-        **changes,
-    }
-
-
-def only_event(peer: Peer) -> tuple[Any, dict[str, Any]]:
+def only_event(peer: AnyPeer) -> tuple[Any, dict[str, Any]]:
     events = peer.events(1)
     assert len(events) == 1, events
     return events[0]
 
 
+@ON_BOTH_BROKERS
 def test_valid_command_reaches_the_pabx_once_and_is_accepted(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     cmd = command(redirect={"PRIORIDADE": 0, "TEMPO_FILA": 23})
     peer.publish(cmd)
@@ -62,15 +58,16 @@ def test_valid_command_reaches_the_pabx_once_and_is_accepted(
     headers = {k.lower(): v for k, v in received[0]["headers"].items()}
     assert headers["x-api-key"] == API_KEY
     assert received[0]["body"] == {**cmd["redirect"], "PRIORIDADE": "0", "TEMPO_FILA": "23"}
-    peer.connection.sleep(0.3)
+    peer.sleep(0.3)
     assert peer.events(2, timeout=0.5) == [(props, event)]  # exactly one event
     assert peer.queue_length(peer.settings.command_queue) == 0  # acked
 
 
+@ON_BOTH_BROKERS
 def test_outcome_goes_to_reply_to_with_the_producer_correlation_id(
-    worker: RunningWorker, peer: Peer
+    worker: RunningWorker, peer: AnyPeer
 ) -> None:
-    reply = peer.channel.queue_declare("", exclusive=True).method.queue
+    reply = peer.temporary_queue()
     peer.publish(command(), reply_to=reply, correlation_id="corr-77")
     props, event = only_event(peer)
     assert props.correlation_id == "corr-77"
@@ -78,19 +75,21 @@ def test_outcome_goes_to_reply_to_with_the_producer_correlation_id(
     assert len(replies) == 1 and json.loads(replies[0][1])["id"] == event["id"]
 
 
+@ON_BOTH_BROKERS
 def test_reply_to_a_topology_queue_is_not_replied_to(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     peer.publish(command(), reply_to=peer.settings.command_queue)
     _, event = only_event(peer)
     assert event["data"]["status"] == "accepted"
-    peer.connection.sleep(1.0)  # an outcome in the command queue would come back as a command
+    peer.sleep(1.0)  # an outcome in the command queue would come back as a command
     assert len(peer.events(2, timeout=1.0)) == 1
     assert len(sim_requests(sim)) == 1
 
 
+@ON_BOTH_BROKERS
 def test_delivery_count_header_on_a_first_delivery_is_ignored(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     peer.publish(command(), headers={"x-delivery-count": 9})
     _, event = only_event(peer)
@@ -117,9 +116,10 @@ INVALID = {
 }
 
 
+@ON_BOTH_BROKERS
 @pytest.mark.parametrize("name", sorted(INVALID))
 def test_invalid_commands_are_rejected_parked_and_never_sent(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread, name: str
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread, name: str
 ) -> None:
     peer.publish(INVALID[name], message_id=f"msg-{name}")
     _, event = only_event(peer)
@@ -135,6 +135,7 @@ def test_invalid_commands_are_rejected_parked_and_never_sent(
     assert sim_requests(sim) == []
 
 
+@ON_BOTH_BROKERS
 @pytest.mark.parametrize(
     ("body", "props"),
     [
@@ -148,7 +149,7 @@ def test_invalid_commands_are_rejected_parked_and_never_sent(
     ids=["text", "truncated", "bad-utf8", "text-plain", "gzip", "oversize"],
 )
 def test_garbage_is_rejected_with_amqp_correlation(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread, body: bytes, props: dict[str, Any]
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread, body: bytes, props: dict[str, Any]
 ) -> None:
     props.setdefault("content_type", "application/json")
     peer.publish(body, correlation_id="garbage-corr", **props)
@@ -161,6 +162,7 @@ def test_garbage_is_rejected_with_amqp_correlation(
     assert sim_requests(sim) == []
 
 
+@ON_BOTH_BROKERS
 @pytest.mark.parametrize(
     ("status", "outcome", "code"),
     [
@@ -170,7 +172,7 @@ def test_garbage_is_rejected_with_amqp_correlation(
     ],
 )
 def test_pabx_refusals_are_final_after_one_request(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread, status: int, outcome: str, code: str
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread, status: int, outcome: str, code: str
 ) -> None:
     set_faults(sim, fail_next=1, fail_status=status)
     peer.publish(command())
@@ -182,25 +184,12 @@ def test_pabx_refusals_are_final_after_one_request(
     assert parked[0][0].headers["x-pabx-error-code"] == code
 
 
+@ON_BOTH_BROKERS
 def test_a_wrong_api_key_is_refused_by_the_pabx_with_403(
-    amqp_url: str, sim: SimulatorThread, peer: Peer
+    settings: Settings, sim: SimulatorThread, peer: AnyPeer
 ) -> None:
-    settings = private_settings(amqp_url, sim.url, pabx_api_key="not-the-key")
-    settings = settings.model_copy(
-        update={
-            k: getattr(peer.settings, k)
-            for k in (
-                "commands_exchange",
-                "command_queue",
-                "results_exchange",
-                "unrouted_exchange",
-                "dead_exchange",
-                "parked_queue",
-                "retry_queue_prefix",
-            )
-        }
-    )
-    running = RunningWorker(settings)
+    settings = settings.model_copy(update={"pabx_api_key": SecretStr("not-the-key")})
+    running = RunningWorker(settings, peer.connect)
     try:
         peer.publish(command())
         _, event = only_event(peer)
@@ -209,8 +198,9 @@ def test_a_wrong_api_key_is_refused_by_the_pabx_with_403(
     assert event["data"]["error"]["code"] == "pabx_forbidden"
 
 
+@ON_BOTH_BROKERS
 def test_503_is_retried_and_then_accepted(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, fail_next=2, fail_status=503)
     peer.publish(command())
@@ -219,8 +209,9 @@ def test_503_is_retried_and_then_accepted(
     assert [r["status"] for r in sim_requests(sim)] == [503, 503, 200]
 
 
+@ON_BOTH_BROKERS
 def test_outage_past_the_in_process_budget_is_retried_through_the_broker(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     set_faults(sim, fail_next=4, fail_status=503)
     peer.publish(command())
@@ -229,8 +220,9 @@ def test_outage_past_the_in_process_budget_is_retried_through_the_broker(
     assert len(sim_requests(sim)) == 5
 
 
+@ON_BOTH_BROKERS
 def test_the_same_command_three_times_is_sent_once(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     cmd = command()
     for _ in range(3):
@@ -242,8 +234,9 @@ def test_the_same_command_three_times_is_sent_once(
     assert len(sim_requests(sim)) == 1
 
 
+@ON_BOTH_BROKERS
 def test_worker_survives_everything_and_accepts_the_next_command(
-    worker: RunningWorker, peer: Peer, sim: SimulatorThread
+    worker: RunningWorker, peer: AnyPeer, sim: SimulatorThread
 ) -> None:
     for body in (b"garbage", b"[]", b"{}", b"null", json.dumps(INVALID["typo"]).encode()):
         peer.publish(body)
@@ -259,6 +252,7 @@ def test_worker_survives_everything_and_accepts_the_next_command(
     assert worker.thread.is_alive() and worker.worker.state.sessions == 1
 
 
+@pytest.mark.integration
 def test_existing_queue_with_other_arguments_is_a_configuration_error(
     amqp_url: str, sim: SimulatorThread
 ) -> None:

@@ -21,6 +21,7 @@ from pydantic import SecretStr
 
 from tests.cluster.rabbit_cluster import ClusterURLs, RabbitCluster, find_sbin, local_cluster
 from worker.app import build_processor
+from worker.channel import Connect
 from worker.consumer import Worker
 from worker.settings import ENV_PREFIX, Settings
 from worker.simulator import SimulatorThread
@@ -147,10 +148,10 @@ def set_faults(sim: SimulatorThread, **faults: Any) -> None:
 class RunningWorker:
     """A worker consuming in a thread of the test process (ready when constructed)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, connect: Connect | None = None) -> None:
         self._processor_cm = build_processor(settings)
         self.processor = self._processor_cm.__enter__()
-        self.worker = Worker(settings, self.processor)
+        self.worker = Worker(settings, self.processor, connect=connect)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
