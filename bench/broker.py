@@ -15,8 +15,8 @@ from bench.commands import command_body, command_id
 from bench.options import BenchError
 from bench.processes import Child
 from tests.kit import topology as kit_topology
-from worker.settings import Settings
-from worker.topology import Topology
+from worker.contract.settings import Settings
+from worker.contract.topology import Topology
 
 __all__ = ["STALL_S", "Broker", "OutcomeReader"]
 

@@ -15,7 +15,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.example import VENDOR_EXAMPLE
+from worker.tools.example import VENDOR_EXAMPLE
 
 API_KEY = "bench-key-7c1e"
 CHANNEL_ID = 17

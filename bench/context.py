@@ -20,8 +20,8 @@ from bench.options import BenchError, Options, is_worker
 from bench.processes import PYTHON, Child, Simulator, child_env, quietly
 from bench.sampling import Sampler
 from tests.kit.topology import private_names
-from worker.settings import Settings, load_settings
-from worker.topology import Topology
+from worker.contract.settings import Settings, load_settings
+from worker.contract.topology import Topology
 
 __all__ = ["Context", "Scenario"]
 

@@ -50,7 +50,7 @@ def measure(name: str, n: int, step: Callable[[int], Any], results: list[dict[st
 
 
 def _settings(sim_url: str, store_url: str, amqp_url: str) -> Any:
-    from worker.settings import load_settings
+    from worker.contract.settings import load_settings
 
     prefix = f"bench.m{uuid.uuid4().hex[:8]}"
     return load_settings(
@@ -74,10 +74,16 @@ def _settings(sim_url: str, store_url: str, amqp_url: str) -> Any:
 
 def pipeline_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
     """Decode/validate, event building, the whole execute() with a memory store."""
-    from worker.app import build_processor
-    from worker.messages import Delivery, decode_command, event_id_for, fingerprint, parse_json
-    from worker.models import RedirectCommand, Status
-    from worker.outcomes import build_event, encode
+    from worker.contract.messages import (
+        Delivery,
+        decode_command,
+        event_id_for,
+        fingerprint,
+        parse_json,
+    )
+    from worker.contract.models import RedirectCommand, Status
+    from worker.contract.outcomes import build_event, encode
+    from worker.runtime import build_processor
 
     settings = _settings(sim_url, "memory://", DEFAULT_AMQP)
     run = uuid.uuid4().hex[:6]
@@ -137,8 +143,8 @@ def http_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
     import requests
     import urllib3
 
-    from worker.pabx import HttpPabx
-    from worker.settings import PabxTarget
+    from worker.adapters.pabx import HttpPabx
+    from worker.contract.settings import PabxTarget
 
     target = PabxTarget(url=sim_url, api_key=API_KEY, channel_id=CHANNEL_ID)
     body = json.loads(command_body("h", 0, time.time()))["redirect"]
@@ -193,8 +199,8 @@ def store_steps(
     stores: list[str], n: int, results: list[dict[str, Any]], urls: dict[str, str]
 ) -> None:
     """The round trips a new command costs the store: claim, mark_sent (with its call), record."""
-    from worker.store import open_store
-    from worker.store.base import CallRef
+    from worker.adapters.store import open_store
+    from worker.adapters.store.base import CallRef
 
     outcome = b'{"specversion":"1.0"}' * 20
     for name in stores:
@@ -258,9 +264,9 @@ def broker_steps(sim_url: str, amqp_url: str, n: int, results: list[dict[str, An
 
     from kombu import Connection
 
-    from worker.dispatch import KeyedExecutor
-    from worker.publisher import ConfirmingPublisher, Publication
-    from worker.topology import Topology
+    from worker.adapters.confirms import ConfirmingPublisher, Publication
+    from worker.consume.dispatch import KeyedExecutor
+    from worker.contract.topology import Topology
 
     settings = _settings(sim_url, "memory://", amqp_url)
     topology = Topology.from_settings(settings)

@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/simulator_load.py [--seconds 5] [--concurrency 32]
         [--client-procs 1] [--url http://127.0.0.1:PORT --api-key KEY]
 
-Without ``--url`` it starts a :class:`worker.simulator.SimulatorThread` in this process.  The
+Without ``--url`` it starts a :class:`worker.tools.simulator.SimulatorThread` in this process.  The
 load comes from separate client process(es) (multiprocessing, spawn), each running
 ``concurrency / client-procs`` keep-alive aiohttp clients that POST the vendor example to
 ``/requests/17/executa-desvio`` until the time is up.  Only loopback targets are allowed.
@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from worker.example import VENDOR_EXAMPLE
+from worker.tools.example import VENDOR_EXAMPLE
 
 BODY: dict[str, str] = VENDOR_EXAMPLE
 DEFAULT_KEY = "bench-key"
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         result = _run_load(args.url, args.api_key, args)
     else:
-        from worker.simulator import SimulatorThread
+        from worker.tools.simulator import SimulatorThread
 
         with SimulatorThread(api_key=args.api_key) as sim:
             result = _run_load(sim.url, args.api_key, args)

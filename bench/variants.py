@@ -9,7 +9,7 @@ here is used by the worker itself: a patch that pays off should become a real ch
 Patches:
 
 ``poll-0.5ms`` / ``poll-10ms``
-    ``worker.consumer.BUSY_POLL_S`` set to 0.5 ms / 10 ms (default 2 ms): how much the
+    ``worker.consume.consumer.BUSY_POLL_S`` set to 0.5 ms / 10 ms (default 2 ms): how much the
     connection thread's polling matters.
 ``switch-0.5ms``
     ``sys.setswitchinterval(0.0005)`` (default 5 ms): how much GIL hand-over delays between
@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 def _poll(seconds: float) -> Callable[[], None]:
     def patch() -> None:
-        import worker.consumer
+        import worker.consume.consumer
 
-        worker.consumer.BUSY_POLL_S = seconds
+        worker.consume.consumer.BUSY_POLL_S = seconds
 
     return patch
 

@@ -13,9 +13,9 @@ import yaml
 
 from tests.interop.node import HERE as INTEROP
 from tests.interop.node import node_with
-from worker.models import ErrorCode, Status
-from worker.schemas import SCHEMA_FILES
-from worker.settings import Settings
+from worker.contract.models import ErrorCode, Status
+from worker.contract.schemas import SCHEMA_FILES
+from worker.contract.settings import Settings
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
 DOCUMENT = SCHEMAS / "asyncapi.yaml"
@@ -164,7 +164,7 @@ def test_parked_headers_match_the_worker(doc: dict[str, Any]) -> None:
     assert set(headers["x-pabx-error-code"]["enum"]) == codes
     assert headers["x-pabx-status"]["enum"] == ["rejected", "failed"]
     assert headers["x-pabx-error"]["maxLength"] == 512
-    from worker.fate import MAX_REASON_CHARS
+    from worker.consume.fate import MAX_REASON_CHARS
 
     assert MAX_REASON_CHARS == 512
 

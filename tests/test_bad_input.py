@@ -45,17 +45,17 @@ from tests.integration.conftest import (
     through_the_wire,
     url_for,
 )
-from worker.errors import InvalidCommand
-from worker.fakes import FakePabx
-from worker.fate import MAX_COPIED_HEADER_BYTES, MAX_REASON_CHARS, fate_of
-from worker.inbound import to_delivery
-from worker.messages import Delivery, decode_command, raw_event_id, readable_command_id
-from worker.models import OutcomeEvent
-from worker.pipeline import Decision, Finish, Policy, Prepared, Processor
-from worker.settings import PabxTarget, Settings
-from worker.simulator import SimulatorThread
-from worker.store.memory import MemoryStore
-from worker.topology import Topology
+from worker.adapters.store.memory import MemoryStore
+from worker.consume.fate import MAX_COPIED_HEADER_BYTES, MAX_REASON_CHARS, fate_of
+from worker.consume.inbound import to_delivery
+from worker.consume.pipeline import Decision, Finish, Policy, Prepared, Processor
+from worker.contract.errors import InvalidCommand
+from worker.contract.messages import Delivery, decode_command, raw_event_id, readable_command_id
+from worker.contract.models import OutcomeEvent
+from worker.contract.settings import PabxTarget, Settings
+from worker.contract.topology import Topology
+from worker.tools.fakes import FakePabx
+from worker.tools.simulator import SimulatorThread
 
 #: The broker's frame size (RabbitMQ's default ``frame_max``): a copy's header must fit.
 FRAME_MAX = 131_072

@@ -11,8 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.kit.samples import VENDOR_REQUIRED
-from worker import errors
-from worker.batch import (
+from worker.cli import app
+from worker.contract import errors
+from worker.contract.messages import fingerprint
+from worker.contract.models import RedirectCommand
+from worker.produce.batch import (
     Batch,
     BatchCommand,
     BatchFileError,
@@ -25,10 +28,7 @@ from worker.batch import (
     run_batch,
     write_results,
 )
-from worker.cli import app
-from worker.messages import fingerprint
-from worker.models import RedirectCommand
-from worker.producer import Outgoing, PublishReport
+from worker.produce.producer import Outgoing, PublishReport
 
 VENDOR = VENDOR_REQUIRED
 HEADER = ",".join(VENDOR)
@@ -207,7 +207,7 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_the_file_error_is_one_of_the_package_errors() -> None:
-    assert BatchFileError is errors.BatchFileError  # worker.batch re-exports it
+    assert BatchFileError is errors.BatchFileError  # worker.produce.batch re-exports it
     assert issubclass(BatchFileError, errors.PabxWorkerError)
 
 

@@ -1,4 +1,4 @@
-"""worker.broker: URL checks, TLS files and the mapping of broker errors (SPEC §1, §9)."""
+"""worker.adapters.broker: URL checks, TLS files and the mapping of broker errors (SPEC §1, §9)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from amqp.exceptions import (
 from kombu import Connection
 
 from tests.certs import Authority
-from worker.broker import (
+from worker.adapters.broker import (
     BROKER_ERROR_MAP,
     TlsFiles,
     broker_errors,
@@ -34,7 +34,7 @@ from worker.broker import (
     home_node_down,
     parse_urls,
 )
-from worker.errors import BrokerError, ConfigurationError, PabxWorkerError
+from worker.contract.errors import BrokerError, ConfigurationError, PabxWorkerError
 
 PASSWORD = "s3cret-Pw-9"
 

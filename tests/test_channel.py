@@ -14,8 +14,8 @@ import amqp.channel
 import pytest
 from kombu import Connection
 
-from worker.channel import AmqpChannel, AmqpConnection
-from worker.memory_broker import MemoryChannel, MemoryConnection
+from worker.adapters.channel import AmqpChannel, AmqpConnection
+from worker.tools.memory_broker import MemoryChannel, MemoryConnection
 
 
 def protocol_methods(protocol: type) -> list[str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker.circuit import CircuitBreaker, CircuitState
+from worker.consume.circuit import CircuitBreaker, CircuitState
 
 
 class Clock:

@@ -19,10 +19,16 @@ from typer.testing import CliRunner
 
 from tests.kit.samples import VENDOR_EXAMPLE
 from worker.cli import app
-from worker.messages import Delivery, decode_command, event_id_for, fingerprint, raw_event_id
-from worker.models import ErrorInfo, OutcomeEvent, PabxInfo, RedirectCommand, Status
-from worker.outcomes import as_duplicate, build_event, encode
-from worker.schemas import SCHEMA_FILES, check_schemas, export_schemas
+from worker.contract.messages import (
+    Delivery,
+    decode_command,
+    event_id_for,
+    fingerprint,
+    raw_event_id,
+)
+from worker.contract.models import ErrorInfo, OutcomeEvent, PabxInfo, RedirectCommand, Status
+from worker.contract.outcomes import as_duplicate, build_event, encode
+from worker.contract.schemas import SCHEMA_FILES, check_schemas, export_schemas
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS = ROOT / "schemas"

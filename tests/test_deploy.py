@@ -2,7 +2,7 @@
 
 Nothing here starts a container or a cluster: the files are parsed, linted where a linter is
 at hand (systemd-analyze, hadolint, kubernetes-validate's offline OpenAPI schemas) and
-cross-checked against ``worker.settings.Settings``, which is what keeps them honest.
+cross-checked against ``worker.contract.settings.Settings``, which is what keeps them honest.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from worker.settings import (
+from worker.contract.settings import (
     CREDENTIALS_ENV,
     ENV_PREFIX,
     FILE_SUFFIX,
@@ -211,7 +211,7 @@ def test_every_pabx_worker_variable_is_a_setting(path: Path) -> None:
 def test_definitions_json_is_the_topology_export() -> None:
     import json
 
-    from worker.topology import Topology
+    from worker.contract.topology import Topology
 
     exported = Topology.from_settings(Settings()).definitions("/")
     assert json.loads((DEPLOY / "rabbitmq" / "definitions.json").read_text()) == exported

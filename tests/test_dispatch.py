@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.dispatch import KeyedExecutor
+from worker.consume.dispatch import KeyedExecutor
 
 
 def test_jobs_with_one_key_run_one_at_a_time_in_order() -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
-from worker.leases import LeaseKeeper
-from worker.store.base import ClaimState
-from worker.store.memory import MemoryStore
+from worker.adapters.store.base import ClaimState
+from worker.adapters.store.memory import MemoryStore
+from worker.consume.leases import LeaseKeeper
 
 NOW = 1_800_000_000.0
 

@@ -14,11 +14,11 @@ import pytest
 from amqp.exceptions import PreconditionFailed, RecoverableConnectionError
 
 from tests.integration.conftest import private_settings
-from worker.channel import InboundMessage
-from worker.errors import ConfigurationError
-from worker.memory_broker import MemoryBroker, MemoryChannel, MemoryConnection
-from worker.publisher import ConfirmingPublisher, Publication
-from worker.topology import Topology
+from worker.adapters.channel import InboundMessage
+from worker.adapters.confirms import ConfirmingPublisher, Publication
+from worker.contract.errors import ConfigurationError
+from worker.contract.topology import Topology
+from worker.tools.memory_broker import MemoryBroker, MemoryChannel, MemoryConnection
 
 
 class Clock:
@@ -187,7 +187,7 @@ def test_the_worker_reconnects_and_the_command_is_handled_once() -> None:
     from tests.kit.events import memory_peer
     from tests.kit.processes import RunningWorker
     from tests.kit.samples import API_KEY
-    from worker.simulator import SimulatorThread
+    from worker.tools.simulator import SimulatorThread
 
     with SimulatorThread(api_key=API_KEY) as sim:
         settings = private_settings("amqp://memory.invalid:1/%2F", sim.url)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from worker.errors import InvalidCommand
-from worker.messages import (
+from worker.contract.errors import InvalidCommand
+from worker.contract.messages import (
     Delivery,
     decode_command,
     event_id_for,
@@ -20,7 +20,7 @@ from worker.messages import (
     raw_event_id,
     readable_command_id,
 )
-from worker.models import MAX_COMMAND_BYTES, RedirectCommand
+from worker.contract.models import MAX_COMMAND_BYTES, RedirectCommand
 
 SPEC_EXAMPLE = Path(__file__).resolve().parent.parent / "schemas/examples/valid/spec-example.json"
 

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from worker.errors import PabxUnavailable
-from worker.fakes import FakePabx
-from worker.observability import HealthServer, MeteredPabx, Metrics
-from worker.settings import PabxTarget
+from worker.consume.observability import HealthServer, MeteredPabx, Metrics
+from worker.contract.errors import PabxUnavailable
+from worker.contract.settings import PabxTarget
+from worker.tools.fakes import FakePabx
 
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="never-shown-key", channel_id=1)
 

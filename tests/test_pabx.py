@@ -20,7 +20,8 @@ import requests
 import urllib3.util.connection
 
 from tests.kit.samples import VENDOR_REQUIRED
-from worker.errors import (
+from worker.adapters.pabx import HttpPabx
+from worker.contract.errors import (
     PabxBadRequest,
     PabxError,
     PabxForbidden,
@@ -30,9 +31,8 @@ from worker.errors import (
     PabxUnavailable,
     PabxUnreachable,
 )
-from worker.pabx import HttpPabx
-from worker.settings import PabxTarget
-from worker.simulator import SimulatorThread
+from worker.contract.settings import PabxTarget
+from worker.tools.simulator import SimulatorThread
 
 KEY = "unit-key"
 BODY = VENDOR_REQUIRED

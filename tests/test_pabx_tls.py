@@ -17,19 +17,19 @@ import urllib3
 from pydantic import SecretStr
 from urllib3.util.ssl_ import create_urllib3_context
 
-import worker.pabx
+import worker.adapters.pabx
 from tests.certs import Authority, Leaf
 from tests.kit.samples import VENDOR_REQUIRED
-from worker.errors import (
+from worker.adapters.pabx import HttpPabx
+from worker.contract.errors import (
     ConfigurationError,
     PabxOutcomeUnknown,
     PabxPermanentError,
     PabxTlsError,
     PabxUnreachable,
 )
-from worker.pabx import HttpPabx
-from worker.settings import PabxTarget
-from worker.simulator import SimulatorThread
+from worker.contract.settings import PabxTarget
+from worker.tools.simulator import SimulatorThread
 
 KEY = "tls-unit-key"
 BODY = VENDOR_REQUIRED
@@ -256,7 +256,7 @@ def test_each_target_context_is_built_once(
         built.append(create_urllib3_context(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(worker.pabx, "create_urllib3_context", counting)
+    monkeypatch.setattr(worker.adapters.pabx, "create_urllib3_context", counting)
     first = target(https_sim.url, name="first", ca_file=pki.ca.cert)
     second = target(https_sim.url, name="second", ca_file=pki.ca.cert)
     pabx = HttpPabx(pool_size=2, connect_timeout_s=1, read_timeout_s=1, targets={"first": first})

@@ -8,15 +8,15 @@ from typing import Any
 
 import pytest
 
-from worker.circuit import CircuitBreaker, CircuitState
-from worker.errors import PabxOutcomeUnknown, PabxUnreachable, StoreError
-from worker.fakes import FakePabx
-from worker.messages import Delivery
-from worker.models import OutcomeEvent, Status
-from worker.pipeline import Decision, Finish, Policy, Processor, Requeue, Retry
-from worker.settings import PabxTarget
-from worker.store.base import CallRef, Send, SendState
-from worker.store.memory import MemoryStore
+from worker.adapters.store.base import CallRef, Send, SendState
+from worker.adapters.store.memory import MemoryStore
+from worker.consume.circuit import CircuitBreaker, CircuitState
+from worker.consume.pipeline import Decision, Finish, Policy, Processor, Requeue, Retry
+from worker.contract.errors import PabxOutcomeUnknown, PabxUnreachable, StoreError
+from worker.contract.messages import Delivery
+from worker.contract.models import OutcomeEvent, Status
+from worker.contract.settings import PabxTarget
+from worker.tools.fakes import FakePabx
 
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
 NOW = 1_800_000_000.0

@@ -6,9 +6,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.checks import most_in_window, rate_limit_holds
-from worker.ratelimit import FleetRateLimit
-from worker.settings import PabxTarget
-from worker.store.memory import MemoryStore
+from worker.adapters.store.memory import MemoryStore
+from worker.consume.ratelimit import FleetRateLimit
+from worker.contract.settings import PabxTarget
 
 FREE = PabxTarget(url="http://free", api_key="k", channel_id=1)
 PACED = PabxTarget(url="http://paced", api_key="k", channel_id=1, rate_limit=5)

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from worker.errors import ConfigurationError
-from worker.settings import (
+from worker.adapters.store import open_store
+from worker.contract.errors import ConfigurationError
+from worker.contract.settings import (
     CREDENTIALS_ENV,
     ENV_PREFIX,
     SECRET_SETTINGS,
     known_variables,
     load_settings,
 )
-from worker.store import open_store
 
 SECRET = "s3cret-Value-7d41"
 AMQP = f"amqp://pabx:{SECRET}@broker.example:5672/%2F"

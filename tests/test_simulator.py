@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from tests.kit.samples import VENDOR_EXAMPLE
-from worker.simulator import Faults, SimulatorThread, parse_faults
+from worker.tools.simulator import Faults, SimulatorThread, parse_faults
 
 API_KEY = "test-key-123"
 TIMEOUT = 10.0

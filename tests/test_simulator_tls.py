@@ -18,7 +18,7 @@ import requests
 
 from tests.certs import Authority, Leaf
 from tests.kit.samples import VENDOR_EXAMPLE
-from worker.simulator import SimulatorThread, tls_context
+from worker.tools.simulator import SimulatorThread, tls_context
 
 KEY = "sim-tls-key"
 TIMEOUT = 5

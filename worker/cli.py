@@ -15,14 +15,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from worker.errors import (
+from worker.contract.errors import (
     BatchFileError,
     BrokerError,
     ConfigurationError,
     InvalidCommand,
     PabxWorkerError,
 )
-from worker.settings import Settings, load_settings
+from worker.contract.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
 
@@ -83,7 +83,7 @@ def _settings(config: Path | None, **values: Any) -> Settings:
 @app.command()
 def run(config: ConfigOption = None) -> None:
     """Consume commands, call the PABX, publish outcomes; stops on SIGTERM/SIGINT."""
-    from worker.app import run_worker
+    from worker.runtime import run_worker
 
     settings = _settings(config)
     _guard(settings.require_targets)
@@ -108,7 +108,7 @@ def simulate(
     ] = None,
 ) -> None:
     """Serve the PABX simulator (vendor API + /_sim admin API)."""
-    from worker.simulator import run_simulator
+    from worker.tools.simulator import run_simulator
 
     if not api_key:
         raise _fail(2, "--api-key: required and must not be empty")
@@ -131,7 +131,7 @@ def simulate(
 @app.command()
 def demo(config: ConfigOption = None) -> None:
     """Start the simulator and a worker, send sample commands, print their outcomes."""
-    from worker.demo import run_demo
+    from worker.tools.demo import run_demo
 
     raise typer.Exit(_guard(lambda: run_demo(config)))
 
@@ -145,8 +145,8 @@ def send(
     config: ConfigOption = None,
 ) -> None:
     """Publish one command with publisher confirms; --wait prints its outcome."""
-    from worker.messages import Delivery, decode_command, parse_json
-    from worker.producer import Producer
+    from worker.contract.messages import Delivery, decode_command, parse_json
+    from worker.produce.producer import Producer
 
     if wait < 0:
         raise _fail(2, "--wait: must be 0 or more seconds")
@@ -199,7 +199,7 @@ def batch(
     config: ConfigOption = None,
 ) -> None:
     """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
-    from worker.batch import load_batch
+    from worker.produce.batch import load_batch
 
     if wait < 0:
         raise _fail(2, "--wait: must be 0 or more seconds")
@@ -239,9 +239,15 @@ def _open_for_writing(path: Path | None, option: str) -> Any:
 def _run_batch(
     settings: Settings, file: Path, loaded: Any, wait: float, out: Any, *, declare: bool = True
 ) -> int:
-    from worker.batch import NOT_PUBLISHED, BatchRun, CommandResult, make_progress, run_batch
-    from worker.batch import write_results as write
-    from worker.producer import Producer
+    from worker.produce.batch import (
+        NOT_PUBLISHED,
+        BatchRun,
+        CommandResult,
+        make_progress,
+        run_batch,
+    )
+    from worker.produce.batch import write_results as write
+    from worker.produce.producer import Producer
 
     def publish() -> BatchRun:
         with Producer(settings, declare=declare) as producer:
@@ -288,7 +294,7 @@ NewerOption = Annotated[
 
 
 def _parked_filter(code: list[str] | None, older: str | None, newer: str | None) -> Any:
-    from worker.parked import ParkedFilter, parse_duration
+    from worker.produce.parked import ParkedFilter, parse_duration
 
     ages: dict[str, float | None] = {}
     for option, value in (("--older-than", older), ("--newer-than", newer)):
@@ -312,7 +318,7 @@ def _age(seconds: float | None) -> str:
 def _browse(
     settings: Settings, where: Any, limit: int | None, *, declare: bool = True
 ) -> tuple[int, list[Any]]:
-    from worker.parked import ParkedQueue
+    from worker.produce.parked import ParkedQueue
 
     def browse() -> tuple[int, list[Any]]:
         with _producer(settings, declare=declare) as producer:
@@ -323,7 +329,7 @@ def _browse(
 
 def _producer(settings: Settings, *, declare: bool) -> Any:
     """A Producer for the parked tools: without declaring, the parked queue is checked too."""
-    from worker.producer import Producer
+    from worker.produce.producer import Producer
 
     return Producer(settings, declare=declare, needs=() if declare else (settings.parked_queue,))
 
@@ -371,7 +377,7 @@ def parked_show(
     """Show the parked copies of one command: why, when, attempts, headers and body."""
     from datetime import UTC, datetime
 
-    from worker.parked import ParkedFilter
+    from worker.produce.parked import ParkedFilter
 
     settings = _settings(config)
     depth, every = _browse(settings, ParkedFilter(), None, declare=not no_declare)
@@ -396,7 +402,7 @@ def parked_show(
 
 
 def _shown(message: Any, now: Any) -> dict[str, Any]:
-    from worker.parked import pretty_body
+    from worker.produce.parked import pretty_body
 
     summary = message.summary(now)
     summary["age"] = _age(summary.pop("age_s"))
@@ -438,7 +444,7 @@ def parked_replay(
     """Move parked commands back to the commands exchange; ack each once confirmed."""
     from datetime import UTC, datetime
 
-    from worker.parked import ParkedMessage, ParkedQueue, ReplayReport
+    from worker.produce.parked import ParkedMessage, ParkedQueue, ReplayReport
 
     where = _parked_filter(code, older_than, newer_than)
     settings = _settings(config)
@@ -476,7 +482,7 @@ def parked_replay(
 @topology_app.command("declare")
 def topology_declare(config: ConfigOption = None) -> None:
     """Declare every exchange and queue on the broker (idempotent)."""
-    from worker.producer import Producer
+    from worker.produce.producer import Producer
 
     settings = _settings(config)
     _guard(lambda: Producer(settings).close())
@@ -489,7 +495,7 @@ def topology_export(
     config: ConfigOption = None,
 ) -> None:
     """Print the topology as RabbitMQ definitions JSON."""
-    from worker.topology import Topology
+    from worker.contract.topology import Topology
 
     definitions = Topology.from_settings(_settings(config)).definitions(vhost)
     typer.echo(json.dumps(definitions, indent=2))
@@ -501,7 +507,7 @@ SchemasDir = Annotated[Path, typer.Option("--dir", help="Where the schema files 
 @schemas_app.command("export")
 def schemas_export(directory: SchemasDir = Path("schemas")) -> None:
     """Write schemas/*.json from the models."""
-    from worker.schemas import export_schemas
+    from worker.contract.schemas import export_schemas
 
     for path in export_schemas(directory):
         typer.echo(f"wrote {path}", err=True)
@@ -510,7 +516,7 @@ def schemas_export(directory: SchemasDir = Path("schemas")) -> None:
 @schemas_app.command("check")
 def schemas_check(directory: SchemasDir = Path("schemas")) -> None:
     """Fail (exit 1) when schemas/*.json differ from the models."""
-    from worker.schemas import check_schemas
+    from worker.contract.schemas import check_schemas
 
     drifted = check_schemas(directory)
     if drifted:

@@ -25,7 +25,7 @@ afterwards, and a private key prefix in the idempotency store, removed afterward
 :class:`Idle`
     RSS of each consumer process a few seconds after it started consuming an empty queue.
 :class:`Batch`
-    ``worker.producer.Producer.publish`` (pipelined publisher confirms) of many commands;
+    ``worker.produce.producer.Producer.publish`` (pipelined publisher confirms) of many commands;
     commands/s from the call to the last confirm.
 :class:`Soak`
     The worker drains ``N`` commands in chunks; RSS after each chunk (is it flat?).

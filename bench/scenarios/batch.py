@@ -1,4 +1,4 @@
-"""Publishing a batch with pipelined publisher confirms, through ``worker.producer``."""
+"""Publishing a batch with pipelined publisher confirms, through ``worker.produce.producer``."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ class Batch:
     count: int
 
     def run(self, ctx: Context) -> BatchResult:
-        from worker import producer as producer_module
+        from worker.produce import producer as producer_module
 
-        ctx.log(f"- batch publish: {self.count} commands with confirms (worker.producer.Producer)")
+        ctx.log(f"- batch publish: {self.count} commands with confirms (Producer)")
         result = BatchResult(commands=self.count)
         methods = ["publish"]
         if hasattr(producer_module.Producer, "publish_messages"):
@@ -49,7 +49,7 @@ class Batch:
 
     def _method(self, ctx: Context, method: str) -> BatchMethod:
         """One publishing method on a fresh private topology."""
-        from worker import producer as producer_module
+        from worker.produce import producer as producer_module
 
         assert ctx.broker is not None
         count = self.count

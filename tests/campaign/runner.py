@@ -46,7 +46,7 @@ from tests.kit.processes import (
 from tests.kit.proxy import TcpProxy
 from tests.kit.rig import Rig
 from tests.kit.samples import API_KEY, CHANNEL, COUNTED_BODY
-from worker.simulator import SimulatorThread
+from worker.tools.simulator import SimulatorThread
 
 __all__ = ["Options", "run"]
 

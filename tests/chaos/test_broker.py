@@ -20,7 +20,7 @@ from tests.kit.processes import RunningWorker, wait_until
 from tests.kit.proxy import TcpProxy
 from tests.kit.samples import command_ids
 from tests.kit.samples import counted_command as command
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

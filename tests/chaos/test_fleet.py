@@ -26,7 +26,7 @@ from tests.checks import most_in_window, overlapping_calls, rate_limit_holds
 from tests.kit.processes import WorkerProcess, free_port, start_redis, wait_until
 from tests.kit.samples import API_KEY, command_ids
 from tests.kit.samples import counted_command as command
-from worker.simulator import SimulatorThread
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

@@ -17,7 +17,7 @@ from tests.chaos.harness import Rig, Tally, size
 from tests.kit.processes import WorkerProcess, wait_until
 from tests.kit.samples import command_ids
 from tests.kit.samples import counted_command as command
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
 

@@ -36,9 +36,9 @@ from tests.kit.processes import ClusterURLs, RunningWorker, find_sbin, local_clu
 from tests.kit.processes import sim_requests as recorded_requests
 from tests.kit.samples import API_KEY, command
 from tests.kit.topology import declare, private_settings
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
-from worker.topology import Topology
+from worker.contract.settings import Settings
+from worker.contract.topology import Topology
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

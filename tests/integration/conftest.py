@@ -2,7 +2,7 @@
 
 The broker is the real RabbitMQ, read and written by a pika :class:`Peer`; a test that asks
 for the ``backend`` fixture by parametrization (:data:`ON_BOTH_BROKERS`) runs twice, once on
-the in-memory broker (:class:`~worker.memory_broker.MemoryBroker`, with a
+the in-memory broker (:class:`~worker.tools.memory_broker.MemoryBroker`, with a
 :class:`~tests.kit.events.MemoryPeer` of the same methods) and once on RabbitMQ (marked
 ``integration``). The parts are the test kit's (:mod:`tests.kit`); the names below stay
 importable from here.
@@ -25,8 +25,8 @@ from tests.kit.events import (
 from tests.kit.processes import RunningWorker, reset_sim, set_faults, sim_requests
 from tests.kit.samples import API_KEY, CHANNEL
 from tests.kit.topology import private_settings
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 __all__ = [
     "API_KEY",

@@ -19,9 +19,9 @@ from tests.kit.events import Peer
 from tests.kit.processes import CLI, RunningWorker, env_for, set_faults, sim_requests
 from tests.kit.samples import VENDOR_EXAMPLE
 from tests.kit.topology import private_settings
-from worker.producer import Outgoing, Producer
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.produce.producer import Outgoing, Producer
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 
@@ -257,7 +257,7 @@ def test_a_large_file_runs_end_to_end(amqp_url: str, sim: SimulatorThread, tmp_p
 def _delete_topology(settings: Settings) -> None:
     import pika
 
-    from worker.topology import Topology
+    from worker.contract.topology import Topology
 
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     channel = connection.channel()

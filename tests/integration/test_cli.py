@@ -15,8 +15,8 @@ import pytest
 from tests.kit.events import Peer
 from tests.kit.processes import CLI, env_for, sim_requests
 from tests.kit.samples import API_KEY, command
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.kit.processes import CLI, env_for
 from tests.kit.samples import VENDOR_EXAMPLE
-from worker.settings import Settings
+from worker.contract.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ def cases(amqp_url: str) -> dict[str, Case]:
             env={store: "mysql://127.0.0.1/x"},
             commands=frozenset({"run"}),
         ),
-        # Met at connect: worker/broker.py maps them to ConfigurationError.
+        # Met at connect: worker/adapters/broker.py maps them to ConfigurationError.
         "broker-access-refused": Case(
             ("PABX_WORKER_AMQP_URL",),
             env={"PABX_WORKER_AMQP_URL": broker_url(amqp_url, netloc=f"guest:wrong-pw@{host}")},

@@ -24,8 +24,8 @@ import pika.exceptions
 import pytest
 
 from tests.conftest import require_service
-from worker.settings import Settings
-from worker.topology import Topology
+from worker.contract.settings import Settings
+from worker.contract.topology import Topology
 
 pytestmark = pytest.mark.integration
 

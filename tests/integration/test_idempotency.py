@@ -12,8 +12,8 @@ from tests.integration.conftest import (
     sim_requests,
 )
 from tests.kit.samples import command
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = ON_BOTH_BROKERS
 

@@ -21,8 +21,8 @@ from tests.interop.node import node_with
 from tests.kit.events import Peer
 from tests.kit.processes import RunningWorker, sim_requests
 from tests.kit.samples import command
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ from tests.kit.events import Peer
 from tests.kit.processes import RunningWorker
 from tests.kit.samples import API_KEY, CHANNEL, VENDOR_EXAMPLE
 from tests.kit.topology import private_settings
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,8 @@ from pydantic import SecretStr
 from tests.kit.events import Peer
 from tests.kit.processes import CLI, RunningWorker, env_for, sim_requests
 from tests.kit.samples import command
-from worker.parked import (
+from worker.contract.settings import Settings
+from worker.produce.parked import (
     ParkedFilter,
     ParkedMessage,
     clean_headers,
@@ -24,8 +25,7 @@ from worker.parked import (
     parse_duration,
     pretty_body,
 )
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def park(
     headers: dict[str, Any] | None = None,
     **props: Any,
 ) -> None:
-    """A parked copy as the worker writes it (worker.fate, for a Finish that parks)."""
+    """A parked copy as the worker writes it (worker.consume.fate, for a Finish that parks)."""
     raw = json.dumps(body).encode() if isinstance(body, dict) else body
     parked_at = datetime.now(UTC) - age
     all_headers = {
@@ -365,8 +365,8 @@ def test_filters() -> None:
 
 
 def test_unroutable_replays_stay_parked(settings: Settings, peer: Peer) -> None:
-    from worker.parked import ParkedQueue
-    from worker.producer import Producer
+    from worker.produce.parked import ParkedQueue
+    from worker.produce.producer import Producer
 
     for i in range(3):
         park(peer, command(command_id=f"u-{i}"))

@@ -21,8 +21,8 @@ from tests.kit.events import Peer
 from tests.kit.processes import CLI, RunningWorker, env_for, sim_requests
 from tests.kit.samples import API_KEY, CHANNEL, command
 from tests.kit.topology import private_settings
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import pytest
 from kombu import Connection
 
 from tests.integration.conftest import ON_BOTH_BROKERS
-from worker.channel import AmqpConnection
-from worker.memory_broker import MemoryBroker
-from worker.publisher import ConfirmingPublisher, Publication
+from worker.adapters.channel import AmqpConnection
+from worker.adapters.confirms import ConfirmingPublisher, Publication
+from worker.tools.memory_broker import MemoryBroker
 
 pytestmark = ON_BOTH_BROKERS
 

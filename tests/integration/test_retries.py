@@ -16,7 +16,7 @@ from tests.integration.conftest import (
     sim_requests,
 )
 from tests.kit.samples import command
-from worker.simulator import SimulatorThread
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = ON_BOTH_BROKERS
 

@@ -12,8 +12,8 @@ import pytest
 from tests.kit.events import Peer
 from tests.kit.processes import CLI, RunningWorker, env_for, set_faults, sim_requests
 from tests.kit.samples import command
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 pytestmark = pytest.mark.integration
 

@@ -24,11 +24,11 @@ from tests.integration.conftest import (
     sim_requests,
 )
 from tests.kit.samples import VENDOR_EXAMPLE, command
-from worker.consumer import Worker
-from worker.errors import ConfigurationError
-from worker.models import OutcomeEvent
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
+from worker.consume.consumer import Worker
+from worker.contract.errors import ConfigurationError
+from worker.contract.models import OutcomeEvent
+from worker.contract.settings import Settings
+from worker.tools.simulator import SimulatorThread
 
 VENDOR_BODY = VENDOR_EXAMPLE
 
@@ -264,7 +264,7 @@ def test_existing_queue_with_other_arguments_is_a_configuration_error(
     )
     try:
         with pytest.raises(ConfigurationError, match="already exists with other arguments"):
-            from worker.app import build_processor
+            from worker.runtime import build_processor
 
             with build_processor(settings) as processor:
                 Worker(settings, processor).run()

@@ -1,7 +1,7 @@
 """The peers of a test: publish commands, read outcome events and other queues.
 
 :class:`Peer` speaks pika to RabbitMQ; :class:`MemoryPeer` has the same methods on the
-in-memory broker (:class:`~worker.memory_broker.MemoryBroker`), so one test body runs on both.
+in-memory broker (:class:`~worker.tools.memory_broker.MemoryBroker`), so one test body runs on both.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import pika
 from amqp import Message
 
 from tests.kit import topology
-from worker.channel import Connect
-from worker.inbound import tolerate_non_utf8_properties
-from worker.memory_broker import MemoryBroker, StoredMessage
-from worker.settings import Settings
-from worker.topology import Topology
+from worker.adapters.channel import Connect
+from worker.consume.inbound import tolerate_non_utf8_properties
+from worker.contract.settings import Settings
+from worker.contract.topology import Topology
+from worker.tools.memory_broker import MemoryBroker, StoredMessage
 
 __all__ = [
     "MEMORY_URL",

@@ -20,11 +20,11 @@ import requests
 from pydantic import SecretStr
 
 from tests.cluster.rabbit_cluster import ClusterURLs, RabbitCluster, find_sbin, local_cluster
-from worker.app import build_processor
-from worker.channel import Connect
-from worker.consumer import Worker
-from worker.settings import ENV_PREFIX, Settings
-from worker.simulator import SimulatorThread
+from worker.adapters.channel import Connect
+from worker.consume.consumer import Worker
+from worker.contract.settings import ENV_PREFIX, Settings
+from worker.runtime import build_processor
+from worker.tools.simulator import SimulatorThread
 
 __all__ = [
     "CLI",

@@ -19,9 +19,9 @@ from tests.kit.events import Peer, Seen
 from tests.kit.processes import set_faults, sim_requests
 from tests.kit.samples import API_KEY
 from tests.kit.topology import private_settings
-from worker.settings import Settings
-from worker.simulator import SimulatorThread
-from worker.topology import Topology
+from worker.contract.settings import Settings
+from worker.contract.topology import Topology
+from worker.tools.simulator import SimulatorThread
 
 __all__ = ["Rig"]
 

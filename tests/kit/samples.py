@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from worker.example import VENDOR_EXAMPLE
+from worker.tools.example import VENDOR_EXAMPLE
 
 __all__ = [
     "API_KEY",

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from tests.kit.samples import API_KEY, CHANNEL
-from worker.settings import Settings, load_settings
-from worker.topology import Topology
+from worker.contract.settings import Settings, load_settings
+from worker.contract.topology import Topology
 
 __all__ = ["declare", "delete", "private_names", "private_settings"]
 

@@ -25,13 +25,13 @@ import pytest
 import redis
 from psycopg import sql
 
-from worker.errors import ConfigurationError, StoreError
-from worker.store import RETENTION_S, ClaimState, Store, open_store
-from worker.store.base import CallRef, Send, SendState
-from worker.store.memory import MemoryStore
-from worker.store.postgres import PostgresStore
-from worker.store.redis import RedisStore
-from worker.store.sqlite import SqliteStore
+from worker.adapters.store import RETENTION_S, ClaimState, Store, open_store
+from worker.adapters.store.base import CallRef, Send, SendState
+from worker.adapters.store.memory import MemoryStore
+from worker.adapters.store.postgres import PostgresStore
+from worker.adapters.store.redis import RedisStore
+from worker.adapters.store.sqlite import SqliteStore
+from worker.contract.errors import ConfigurationError, StoreError
 
 T0 = 1_700_000_000.25
 LEASE = 30.0
@@ -1111,7 +1111,7 @@ def test_redis_a_replayed_mark_sent_counts_once(
     with redis_store(redis_url) as (store, _):
         token = _claimed(store, "c1")
         send_id = uuid.uuid4()
-        monkeypatch.setattr("worker.store.redis.uuid.uuid4", lambda: send_id)
+        monkeypatch.setattr("worker.adapters.store.redis.uuid.uuid4", lambda: send_id)
         call = CallRef(CALL, T0)
         assert _sent(store, "c1", token, call, now=T0 + 1) == Send(SendState.SENT, 1)
         assert _sent(store, "c1", token, call, now=T0 + 1) == Send(SendState.SENT, 1)

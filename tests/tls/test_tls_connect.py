@@ -1,4 +1,4 @@
-"""``worker.broker.connect`` over real TLS listeners: verification, host names, client certs."""
+"""``worker.adapters.broker.connect`` over real TLS: verification, host names, client certs."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from kombu import Connection
 
 from tests.tls.conftest import Pki, TlsBrokers
-from worker.broker import broker_errors, connect
-from worker.errors import BrokerError, ConfigurationError
+from worker.adapters.broker import broker_errors, connect
+from worker.contract.errors import BrokerError, ConfigurationError
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]  # the first one boots nodes
 

@@ -13,10 +13,10 @@ import pytest
 from tests.kit.processes import CLI
 from tests.kit.topology import private_settings
 from tests.tls.conftest import Pki, TlsBrokers
-from worker.app import build_processor
-from worker.consumer import Worker
-from worker.errors import ConfigurationError
-from worker.settings import Settings
+from worker.consume.consumer import Worker
+from worker.contract.errors import ConfigurationError
+from worker.contract.settings import Settings
+from worker.runtime import build_processor
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

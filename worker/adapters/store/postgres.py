@@ -1,0 +1,525 @@
+"""PostgreSQL idempotency store (psycopg 3), for several hosts sharing one database.
+
+Connection model: ONE connection per store (per process), in autocommit mode, used
+under a lock. The worker calls the store from up to 32 threads, but every call is one
+to three short statements on one or two rows by primary key (well under a millisecond
+on a LAN), while each command then waits on the PABX over HTTP for tens or hundreds of
+milliseconds: the lock is never the bottleneck. In exchange the connection count is
+fixed (one per worker process, whatever the thread count, against PostgreSQL's
+``max_connections``), nothing leaks when threads come and go, and reconnecting is a
+single, lock-protected decision. (``psycopg_pool`` is not available; thread-local
+connections would need per-thread bookkeeping to close them and could open 32 per
+process.) Socket timeouts (``connect_timeout``, ``tcp_user_timeout``, keepalives) and
+``statement_timeout`` bound how long one call can hold the lock.
+
+Lost connection: the call that meets it raises :class:`~worker.contract.errors.StoreError`
+(the command is left for redelivery) and drops the connection; the next call opens a
+new one, so a restarted PostgreSQL is survived without restarting the worker. The
+store connects lazily: the constructor does no I/O; :meth:`PostgresStore.ping` checks.
+
+Tables: ``{table}`` (one row per command id; ``call_key`` names the call the command
+holds or held), ``{table}_calls`` (the per-call record: ``holder``, ``holder_until``,
+the ``newest`` command sent and its ``newest_order``, ``updated_at``) and
+``{table}_slots`` (per PABX target: ``next_at``, the next free request slot, and the
+last reservation's ``slot_at``/``reserved_at``; ``UNLOGGED``: a reservation commits
+without waiting for a WAL flush, so the wait it returns is not stretched by one, and a
+crash or failover that empties the table only restarts the schedule at "now"). A table
+created by the version before the per-call record gets ``call_key`` (``ALTER TABLE ...
+ADD COLUMN IF NOT EXISTS``, only when ``pg_attribute`` lacks it: the ALTER takes an
+exclusive lock even when it then finds the column) and the two new tables on the first
+connection, under the same advisory lock as the schema.
+
+Atomicity: a claim first tries ``INSERT ... ON CONFLICT DO NOTHING`` (a new id is one
+statement); when the row exists it is read ``FOR UPDATE`` and updated in one
+transaction, so concurrent claims of one id from any number of processes serialise
+on the row lock and exactly one gets ``NEW``.
+
+``reopen`` is one transaction too: the row is read ``FOR UPDATE``, then the outcome
+is cleared and the lease taken (or the claim answer given) before the commit.
+
+The other steps are single statements (one round trip, atomic on their own), with
+the fencing in their ``WHERE``: nothing changes unless the row's ``token`` is the
+caller's and no outcome is stored. ``mark_sent`` with a call locks the command row
+(``FOR UPDATE``), then the call row (``FOR UPDATE``, which under READ COMMITTED yields
+its latest version), and takes the call with ``INSERT ... ON CONFLICT DO UPDATE ...
+WHERE`` (the hold and order rules; the conflict path works on the latest row too, so
+two first sends of one call cannot both win); the command row is updated only when
+the call was taken. When the call row was created by a concurrent first send after
+the statement's snapshot, the refusal's reason is not known to the statement: it
+is run again (nothing was changed). ``renew``, ``record`` and ``release`` update the
+command row and, through ``RETURNING call_key``, the call row it holds, in one
+statement; a ``record`` that stored nothing reads the row in a second statement to say
+why (tokens are never reused, so that read is a valid answer at its moment). Every
+step locks the command row before the call row, so they cannot
+deadlock each other.
+
+Clock: lease and call times are the caller's ``now``. ``reserve_slot`` uses the
+server's ``clock_timestamp()``, read in the ``DO UPDATE`` after the target's row is
+locked, so every worker on every host shares one schedule per target.
+
+Durability follows the server (``fsync``, ``synchronous_commit``): with both ``on``
+a call that returned has its change on disk (all but the request schedule, see above).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from worker.adapters.store import redact_url
+from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState
+from worker.contract.errors import ConfigurationError, StoreError
+from worker.logs import redact_message
+
+__all__ = ["PostgresStore"]
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {table} (
+    command_id  TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    first_seen  DOUBLE PRECISION NOT NULL,
+    updated_at  DOUBLE PRECISION NOT NULL,
+    state       TEXT NOT NULL,
+    token       TEXT,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    outcome     BYTEA,
+    call_key    TEXT
+);
+CREATE INDEX IF NOT EXISTS {index} ON {table} (updated_at);
+CREATE TABLE IF NOT EXISTS {calls} (
+    call_key     TEXT PRIMARY KEY,
+    holder       TEXT,
+    holder_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    newest       TEXT,
+    newest_order DOUBLE PRECISION NOT NULL DEFAULT 0,
+    updated_at   DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {calls_index} ON {calls} (updated_at);
+CREATE UNLOGGED TABLE IF NOT EXISTS {slots} (
+    target      TEXT PRIMARY KEY,
+    next_at     DOUBLE PRECISION NOT NULL,
+    slot_at     DOUBLE PRECISION NOT NULL,
+    reserved_at DOUBLE PRECISION NOT NULL
+)
+"""
+# A table from before the per-call record lacks call_key. Checked first: ALTER TABLE
+# takes an ACCESS EXCLUSIVE lock even when IF NOT EXISTS then finds the column.
+_HAS_CALL_KEY = (
+    "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(quote_ident(%s))"
+    " AND attname = 'call_key' AND NOT attisdropped"
+)
+_ADD_CALL_KEY = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS call_key TEXT"
+
+_INSERT = (
+    "INSERT INTO {table} (command_id, fingerprint, first_seen, updated_at, state, token,"
+    " lease_until) VALUES (%s, %s, %s, %s, 'claimed', %s, %s)"
+    " ON CONFLICT (command_id) DO NOTHING"
+)
+_SELECT_FOR_UPDATE = (
+    "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
+    " FROM {table} WHERE command_id = %s FOR UPDATE"
+)
+_TAKE = (
+    "UPDATE {table} SET state = 'claimed', token = %s, lease_until = %s, updated_at = %s"
+    " WHERE command_id = %s"
+)
+_REOPEN = (
+    "UPDATE {table} SET state = 'claimed', outcome = NULL, token = %s, lease_until = %s,"
+    " updated_at = %s WHERE command_id = %s"
+)
+# Without a call: count the attempt if the token holds the lease. Returns attempts.
+_MARK_SENT = (
+    "UPDATE {table} SET state = 'sent', attempts = attempts + 1, lease_until = %(until)s,"
+    " updated_at = %(now)s"
+    " WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL RETURNING attempts"
+)
+# With a call, one statement: ``cmd`` locks the command row if the token holds it; ``cur``
+# locks and reads the call row (its latest version); ``took`` takes the call unless it is
+# superseded or busy (also deciding on the latest row when a concurrent first send
+# inserted it); ``sent`` counts the attempt only when the call was taken. ``cur`` is read
+# by ``took``, so it is materialised before ``took`` writes. Returns (held, attempts or
+# NULL, holder_until, newest, newest_order): held 0 = lease lost; attempts NULL = refused,
+# the reason in the call row's values (all NULL: unknown, run the statement again).
+_MARK_SENT_CALL = """
+WITH cmd AS (
+    SELECT command_id FROM {table}
+    WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
+    FOR UPDATE
+), cur AS (
+    SELECT c.holder, c.holder_until, c.newest, c.newest_order FROM {calls} c, cmd
+    WHERE c.call_key = %(key)s
+    FOR UPDATE OF c
+), took AS (
+    INSERT INTO {calls} AS c
+        (call_key, holder, holder_until, newest, newest_order, updated_at)
+    SELECT %(key)s, %(id)s, %(until)s, %(id)s, %(order)s, %(now)s
+    FROM cmd LEFT JOIN cur ON TRUE
+    ON CONFLICT (call_key) DO UPDATE SET
+        holder = EXCLUDED.holder,
+        holder_until = EXCLUDED.holder_until,
+        newest = CASE WHEN c.newest IS NULL OR EXCLUDED.newest_order >= c.newest_order
+                      THEN EXCLUDED.newest ELSE c.newest END,
+        newest_order = CASE WHEN c.newest IS NULL OR EXCLUDED.newest_order >= c.newest_order
+                            THEN EXCLUDED.newest_order ELSE c.newest_order END,
+        updated_at = EXCLUDED.updated_at
+    WHERE (c.newest IS NULL OR c.newest = EXCLUDED.newest
+           OR c.newest_order <= EXCLUDED.newest_order)
+      AND (c.holder IS NULL OR c.holder = EXCLUDED.holder
+           OR c.holder_until <= EXCLUDED.updated_at)
+    RETURNING 1
+), sent AS (
+    UPDATE {table} SET state = 'sent', attempts = attempts + 1, lease_until = %(until)s,
+        updated_at = %(now)s, call_key = %(key)s
+    WHERE command_id = %(id)s AND EXISTS (SELECT 1 FROM took)
+    RETURNING attempts
+)
+SELECT held.n, sent.attempts, cur.holder_until, cur.newest, cur.newest_order, cur.holder
+FROM (SELECT count(*) AS n FROM cmd) held
+LEFT JOIN sent ON TRUE
+LEFT JOIN cur ON TRUE
+"""
+_RENEW = """
+WITH renewed AS (
+    UPDATE {table} SET lease_until = %(until)s, updated_at = %(now)s
+    WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
+    RETURNING call_key
+), held AS (
+    UPDATE {calls} c SET holder_until = %(until)s, updated_at = %(now)s
+    FROM renewed WHERE c.call_key = renewed.call_key AND c.holder = %(id)s
+)
+SELECT count(*) FROM renewed
+"""
+# Store the outcome if the token holds the lease and let go of the call. Returns 1 or 0.
+_RECORD = """
+WITH done AS (
+    UPDATE {table} SET state = 'done', outcome = %(outcome)s, token = NULL,
+        updated_at = %(now)s
+    WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
+    RETURNING call_key
+), let_go AS (
+    UPDATE {calls} c SET holder = NULL, holder_until = 0, updated_at = %(now)s
+    FROM done WHERE c.call_key = done.call_key AND c.holder = %(id)s
+)
+SELECT count(*) FROM done
+"""
+_SELECT_OUTCOME = "SELECT outcome FROM {table} WHERE command_id = %s"
+_RELEASE = """
+WITH released AS (
+    UPDATE {table} SET state = 'released', token = NULL, updated_at = %(now)s
+    WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
+    RETURNING call_key
+)
+UPDATE {calls} c SET holder = NULL, holder_until = 0, updated_at = %(now)s
+FROM released WHERE c.call_key = released.call_key AND c.holder = %(id)s
+"""
+# The server's clock, read once per row: in the VALUES for a new target, and in DO UPDATE,
+# which runs after the target's row is locked (so a waiter reads the clock once it holds it).
+_RESERVE_SLOT = """
+INSERT INTO {slots} AS s (target, next_at, slot_at, reserved_at)
+SELECT %(target)s, t.now + %(interval)s, t.now, t.now
+FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) t
+ON CONFLICT (target) DO UPDATE SET (next_at, slot_at, reserved_at) = (
+    SELECT GREATEST(s.next_at, t.now) + %(interval)s, GREATEST(s.next_at, t.now), t.now
+    FROM (SELECT extract(epoch FROM clock_timestamp())::float8 AS now) t
+)
+RETURNING slot_at - reserved_at
+"""
+_PURGE = "DELETE FROM {table} WHERE updated_at < %s"
+_PURGE_CALLS = "DELETE FROM {calls} WHERE updated_at < %s"
+# A slot whose next time has passed is what no row means (slot = now).
+_PURGE_SLOTS = "DELETE FROM {slots} WHERE next_at < %s"
+
+Connection = psycopg.Connection[tuple[Any, ...]]
+
+
+def _secrets(url: str) -> tuple[str, ...]:
+    """The password a connection string carries, in every spelling a message might show."""
+    found: set[str] = set()
+    with suppress(psycopg.Error):
+        password = conninfo_to_dict(url).get("password")
+        if password:
+            found.add(str(password))
+    try:
+        raw = urlsplit(url).password
+    except ValueError:
+        raw = None
+    if raw:
+        found.update({raw, unquote(raw)})
+    return tuple(sorted(found, key=len, reverse=True))
+
+
+def _label(url: str) -> str:
+    if "://" in url:
+        return redact_url(url)
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)
+
+
+class PostgresStore:
+    """:class:`~worker.adapters.store.base.Store` on PostgreSQL: one connection for all threads."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = "pabx_commands",
+        connect_timeout: int = 5,
+        statement_timeout_ms: int = 10_000,
+    ) -> None:
+        if not _TABLE_NAME.fullmatch(table):
+            raise StoreError(f"PostgreSQL store: invalid table name {table!r}")
+        self._url = url
+        self._label = _label(url)
+        self._secrets = _secrets(url)
+        self._connect_args: dict[str, Any] = {
+            "autocommit": True,
+            "connect_timeout": connect_timeout,
+            "options": f"-c statement_timeout={statement_timeout_ms}",
+            "tcp_user_timeout": connect_timeout * 2000,
+            "keepalives": 1,
+            "keepalives_idle": 30,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "application_name": "pabx-worker",
+        }
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+        self._schema_ready = False
+        self._closed = False
+        ident = sql.Identifier(table)
+        names = {
+            "table": ident,
+            "index": sql.Identifier(f"{table}_updated"),
+            "calls": sql.Identifier(f"{table}_calls"),
+            "calls_index": sql.Identifier(f"{table}_calls_updated"),
+            "slots": sql.Identifier(f"{table}_slots"),
+        }
+
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(**{k: v for k, v in names.items() if f"{{{k}}}" in text})
+
+        self._table = table
+        self._schema, self._add_call_key = q(_SCHEMA), q(_ADD_CALL_KEY)
+        self._insert, self._select_for_update, self._take = (
+            q(_INSERT),
+            q(_SELECT_FOR_UPDATE),
+            q(_TAKE),
+        )
+        self._reopen_sql = q(_REOPEN)
+        self._mark_sent_sql, self._mark_sent_call_sql = q(_MARK_SENT), q(_MARK_SENT_CALL)
+        self._renew_sql, self._record_sql = q(_RENEW), q(_RECORD)
+        self._select_outcome, self._release_sql = q(_SELECT_OUTCOME), q(_RELEASE)
+        self._reserve_slot_sql = q(_RESERVE_SLOT)
+        self._purge_sql = (q(_PURGE), q(_PURGE_CALLS), q(_PURGE_SLOTS))
+        self._lock_key = f"pabx-worker schema {table}"
+
+    @classmethod
+    def from_url(cls, url: str, *, table: str = "pabx_commands") -> PostgresStore:
+        """A store on ``postgresql://user[:password]@host[:port]/dbname`` (no I/O yet)."""
+        try:
+            conninfo_to_dict(url)
+        except psycopg.Error as exc:  # a malformed URL; its message may quote the password
+            message = f"PABX_WORKER_STORE_URL: PostgreSQL store {_label(url)}: {str(exc).strip()}"
+            for secret in _secrets(url):
+                message = message.replace(secret, "***")
+            raise ConfigurationError(message) from None
+        return cls(url, table=table)
+
+    # -- connection handling --------------------------------------------------------
+
+    def _error(self, message: str) -> StoreError:
+        message = redact_message(message, self._secrets)  # never substrings of other words
+        return StoreError(f"PostgreSQL store {self._label}: {message}")
+
+    def _connect(self) -> Connection:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        self._drop()
+        conn = psycopg.connect(self._url, **self._connect_args)
+        self._conn = conn
+        if not self._schema_ready:
+            with conn.transaction():
+                # Concurrent CREATE TABLE IF NOT EXISTS can still collide: serialise it.
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+                conn.execute(self._schema)
+                if conn.execute(_HAS_CALL_KEY, (self._table,)).fetchone() is None:
+                    conn.execute(self._add_call_key)  # a table from before the call record
+            self._schema_ready = True
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(psycopg.Error):
+                conn.close()
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        with self._lock:
+            if self._closed:
+                raise self._error("the store is closed")
+            try:
+                yield self._connect()
+            except psycopg.Error as exc:
+                conn = self._conn
+                if conn is None or conn.closed or conn.broken or not self._schema_ready:
+                    self._drop()
+                raise self._error(f"{type(exc).__name__}: {exc}") from exc
+
+    # -- the contract ---------------------------------------------------------------
+
+    def claim(
+        self,
+        command_id: str,
+        fingerprint: str,
+        *,
+        now: float,
+        lease_s: float,
+        token: str | None = None,
+    ) -> Claim:
+        token = token or uuid.uuid4().hex
+        lease_until = now + lease_s
+        with self._connection() as conn:
+            for _ in range(3):
+                inserted = conn.execute(
+                    self._insert, (command_id, fingerprint, now, now, token, lease_until)
+                ).rowcount
+                if inserted == 1:
+                    return Claim(ClaimState.NEW, now, 0, token)
+                with conn.transaction():
+                    row = conn.execute(self._select_for_update, (command_id,)).fetchone()
+                    if row is not None:
+                        return self._claim_existing(
+                            conn, row, command_id, fingerprint, token, now, lease_until
+                        )
+                # Purged between the INSERT and the SELECT: try again.
+        raise self._error(f"claim {command_id!r}: the record kept vanishing")
+
+    def _claim_existing(
+        self,
+        conn: Connection,
+        row: tuple[Any, ...],
+        command_id: str,
+        fingerprint: str,
+        token: str,
+        now: float,
+        lease_until: float,
+    ) -> Claim:
+        stored_fp, first_seen, state, stored_lease, attempts, outcome, held_by = row
+        if stored_fp != fingerprint:
+            return Claim(ClaimState.CONFLICT, first_seen, attempts)
+        if outcome is not None:
+            return Claim(ClaimState.DONE, first_seen, attempts, outcome=bytes(outcome))
+        mine = held_by == token  # our own claim, repeated: take it again
+        if not mine and state != "released" and stored_lease > now:
+            return Claim(ClaimState.BUSY, first_seen, attempts, lease_until=stored_lease)
+        conn.execute(self._take, (token, lease_until, now, command_id))
+        kind = ClaimState.TAKEOVER if state == "sent" and not mine else ClaimState.NEW
+        return Claim(kind, first_seen, attempts, token)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        token = uuid.uuid4().hex
+        lease_until = now + lease_s
+        # One transaction: the row lock serialises concurrent reopens (and claims) of the id,
+        # and a waiter re-reads the row once the lock is free, so exactly one gets NEW.
+        with self._connection() as conn, conn.transaction():
+            row = conn.execute(self._select_for_update, (command_id,)).fetchone()
+            if row is None:  # never seen or purged: nothing to take back
+                return Claim(ClaimState.CONFLICT, now)
+            stored_fp, first_seen, _, _, attempts, stored, _ = row
+            if stored is not None and bytes(stored) == outcome:
+                conn.execute(self._reopen_sql, (token, lease_until, now, command_id))
+                return Claim(ClaimState.NEW, first_seen, attempts, token)
+            return self._claim_existing(conn, row, command_id, stored_fp, token, now, lease_until)
+
+    def mark_sent(
+        self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
+    ) -> Send:
+        params: dict[str, Any] = {"id": command_id, "token": token, "now": now}
+        params["until"] = now + lease_s
+        if call is None:
+            with self._connection() as conn:
+                row = conn.execute(self._mark_sent_sql, params).fetchone()
+            return Send(SendState.LEASE_LOST) if row is None else Send(SendState.SENT, row[0])
+        params.update(key=call.key, order=call.order)
+        with self._connection() as conn:
+            for _ in range(3):
+                row = _one_row(conn.execute(self._mark_sent_call_sql, params).fetchone())
+                held, attempts, holder_until, newest, newest_order, holder = row
+                if not held:
+                    return Send(SendState.LEASE_LOST)
+                if attempts is not None:
+                    return Send(SendState.SENT, attempts)
+                if newest not in (None, command_id) and newest_order > call.order:
+                    return Send(SendState.SUPERSEDED, newer=newest)
+                if holder not in (None, command_id) and holder_until > now:
+                    return Send(SendState.CALL_BUSY, busy_until=holder_until)
+                # Refused on a call row a concurrent first send created after this
+                # statement's snapshot: nothing changed; now the row is visible.
+        raise self._error(f"mark_sent {command_id!r}: the call record kept changing")
+
+    def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
+        params = {"id": command_id, "token": token, "now": now, "until": now + lease_s}
+        with self._connection() as conn:
+            row = conn.execute(self._renew_sql, params).fetchone()
+        return row is not None and row[0] == 1
+
+    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+        params = {"id": command_id, "token": token, "now": now, "outcome": outcome}
+        with self._connection() as conn:
+            done = conn.execute(self._record_sql, params).fetchone()
+            if done is not None and done[0] == 1:
+                return outcome
+            # Not stored: a new statement (new snapshot) says why. Tokens are never
+            # reused, so what it sees is this call's answer at that moment.
+            row = conn.execute(self._select_outcome, (command_id,)).fetchone()
+        if row is None:  # purged meanwhile: nothing to keep it in
+            return outcome
+        return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
+
+    def release(self, command_id: str, token: str, *, now: float) -> None:
+        with self._connection() as conn:
+            conn.execute(self._release_sql, {"id": command_id, "token": token, "now": now})
+
+    def reserve_slot(self, target: str, *, interval_s: float) -> float:
+        with self._connection() as conn:
+            row = conn.execute(
+                self._reserve_slot_sql, {"target": target, "interval": interval_s}
+            ).fetchone()
+        return max(0.0, float(_one_row(row)[0]))
+
+    def purge(self, *, older_than: float) -> int:
+        purge_commands, purge_calls, purge_slots = self._purge_sql
+        with self._connection() as conn:
+            dropped = conn.execute(purge_commands, (older_than,)).rowcount
+            conn.execute(purge_calls, (older_than,))
+            conn.execute(purge_slots, (older_than,))
+        return dropped
+
+    def ping(self) -> None:
+        with self._connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop()
+
+
+def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
+    """The row of a statement that always answers one (an upsert's RETURNING, a SELECT of
+    values); a missing one is a store failure, not a crash."""
+    if row is None:
+        raise StoreError("the store answered no row where one is always returned")
+    return row

@@ -1,0 +1,337 @@
+"""SQLite idempotency store: the default, for one host.
+
+WAL journal with ``synchronous=NORMAL``: every commit survives a crash of the
+process (``kill -9``) because it is in the WAL before the call returns; a power
+loss may roll back the last commits, which at worst lets a command that was
+"sent" be sent again (at-least-once toward the PABX). ``FULL`` would close
+that window at the price of an fsync per state change.
+
+Tables: ``pabx_commands`` (one row per command id; ``call_key`` names the call the
+command holds or held), ``pabx_calls`` (the per-call record: ``holder`` and
+``holder_until``, the ``newest`` command sent and its ``newest_order``,
+``updated_at``) and ``pabx_slots`` (per PABX target, ``next_at``: the next free
+request slot). A file written by the version before the per-call record gets the
+``call_key`` column (``ALTER TABLE``) and the two new tables when it is opened.
+
+Atomicity across threads and processes: every step is either one statement in
+autocommit (a new claim, ``mark_sent`` without a call) or one ``BEGIN IMMEDIATE``
+transaction, which takes the file's write lock before reading, so no other
+connection can write between the read and the update. Fencing: ``mark_sent``,
+``renew``, ``record`` and ``release`` change nothing unless the row's ``token`` is
+the caller's and no outcome is stored; ``mark_sent`` checks and takes the call in
+the same transaction, and ``record``/``release`` let go of the call in it.
+
+Clocks: lease and call times are the caller's ``now``. ``reserve_slot`` uses this
+host's clock (``time.time()``), read inside the ``BEGIN IMMEDIATE`` transaction so
+the time a slot is reserved at is the time the writer lock was held; every user of
+one SQLite file is a process on this host, so they share that clock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState
+from worker.contract.errors import StoreError
+
+__all__ = ["SqliteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS pabx_commands (
+    command_id  TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    first_seen  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    state       TEXT NOT NULL,
+    token       TEXT,
+    lease_until REAL NOT NULL DEFAULT 0,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    outcome     BLOB,
+    call_key    TEXT
+);
+CREATE INDEX IF NOT EXISTS pabx_commands_updated ON pabx_commands (updated_at);
+CREATE TABLE IF NOT EXISTS pabx_calls (
+    call_key     TEXT PRIMARY KEY,
+    holder       TEXT,
+    holder_until REAL NOT NULL DEFAULT 0,
+    newest       TEXT,
+    newest_order REAL NOT NULL DEFAULT 0,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pabx_calls_updated ON pabx_calls (updated_at);
+CREATE TABLE IF NOT EXISTS pabx_slots (
+    target  TEXT PRIMARY KEY,
+    next_at REAL NOT NULL
+);
+"""
+
+# Let go of the call ``call_key`` if ``command_id`` holds it: record and release.
+_LET_GO = (
+    "UPDATE pabx_calls SET holder = NULL, holder_until = 0, updated_at = ?"
+    " WHERE call_key = ? AND holder = ?"
+)
+
+
+class SqliteStore:
+    """:class:`~worker.adapters.store.base.Store` on one SQLite file, for threads and processes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                str(path), timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite store {path}: {exc}") from exc
+        with self._transaction() as db:  # one process migrates; the others then see the column
+            columns = {row[1] for row in db.execute("PRAGMA table_info(pabx_commands)")}
+            if "call_key" not in columns:  # a file from before the per-call record
+                db.execute("ALTER TABLE pabx_commands ADD COLUMN call_key TEXT")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store: {exc}") from exc
+
+    @contextmanager
+    def _statement(self) -> Iterator[sqlite3.Connection]:
+        """One statement in autocommit: atomic on its own, without BEGIN/COMMIT round trips."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise StoreError(f"SQLite store: {exc}") from exc
+
+    def claim(
+        self,
+        command_id: str,
+        fingerprint: str,
+        *,
+        now: float,
+        lease_s: float,
+        token: str | None = None,
+    ) -> Claim:
+        token = token or uuid.uuid4().hex
+        with self._statement() as db:  # the common case, a new id: one statement
+            inserted = db.execute(
+                "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
+                " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
+                " ON CONFLICT (command_id) DO NOTHING",
+                (command_id, fingerprint, now, now, token, now + lease_s),
+            ).rowcount
+        if inserted == 1:
+            return Claim(ClaimState.NEW, now, 0, token)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
+                " FROM pabx_commands WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+            if row is None:
+                db.execute(
+                    "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
+                    " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)",
+                    (command_id, fingerprint, now, now, token, now + lease_s),
+                )
+                return Claim(ClaimState.NEW, now, 0, token)
+            if row[0] != fingerprint:
+                return Claim(ClaimState.CONFLICT, row[1], row[4])
+            return self._claim_existing(db, row, command_id, token, now, lease_s)
+
+    def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
+        token = uuid.uuid4().hex
+        with self._transaction() as db:  # BEGIN IMMEDIATE: one writer from read to update
+            row = db.execute(
+                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
+                " FROM pabx_commands WHERE command_id = ?",
+                (command_id,),
+            ).fetchone()
+            if row is None:  # never seen or purged: nothing to take back
+                return Claim(ClaimState.CONFLICT, now)
+            _, first_seen, _, _, attempts, stored, _ = row
+            if stored is not None and bytes(stored) == outcome:
+                db.execute(
+                    "UPDATE pabx_commands SET state = 'claimed', outcome = NULL, token = ?,"
+                    " lease_until = ?, updated_at = ? WHERE command_id = ?",
+                    (token, now + lease_s, now, command_id),
+                )
+                return Claim(ClaimState.NEW, first_seen, attempts, token)
+            return self._claim_existing(db, row, command_id, token, now, lease_s)
+
+    @staticmethod
+    def _claim_existing(
+        db: sqlite3.Connection,
+        row: tuple[Any, ...],
+        command_id: str,
+        token: str,
+        now: float,
+        lease_s: float,
+    ) -> Claim:
+        """What a claim with the row's own fingerprint finds (inside the transaction)."""
+        _, first_seen, state, lease_until, attempts, outcome, held_by = row
+        if outcome is not None:
+            return Claim(ClaimState.DONE, first_seen, attempts, outcome=bytes(outcome))
+        mine = held_by == token  # our own claim, repeated: take it again
+        if not mine and state != "released" and lease_until > now:
+            return Claim(ClaimState.BUSY, first_seen, attempts, lease_until=lease_until)
+        db.execute(
+            "UPDATE pabx_commands SET state = 'claimed', token = ?, lease_until = ?,"
+            " updated_at = ? WHERE command_id = ?",
+            (token, now + lease_s, now, command_id),
+        )
+        kind = ClaimState.TAKEOVER if state == "sent" and not mine else ClaimState.NEW
+        return Claim(kind, first_seen, attempts, token)
+
+    def mark_sent(
+        self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
+    ) -> Send:
+        if call is None:  # no call to check: one statement
+            with self._statement() as db:
+                rows = db.execute(
+                    "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
+                    " lease_until = ?, updated_at = ?"
+                    " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING attempts",
+                    (now + lease_s, now, command_id, token),
+                ).fetchall()  # drained: the statement (and its autocommit) is finished
+            return Send(SendState.SENT, rows[0][0]) if rows else Send(SendState.LEASE_LOST)
+        with self._transaction() as db:
+            held = db.execute(
+                "SELECT 1 FROM pabx_commands"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL",
+                (command_id, token),
+            ).fetchone()
+            if held is None:
+                return Send(SendState.LEASE_LOST)
+            refused = self._take_call(db, command_id, call, now, now + lease_s)
+            if refused is not None:
+                return refused
+            (attempts,) = db.execute(
+                "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
+                " lease_until = ?, updated_at = ?, call_key = ? WHERE command_id = ?"
+                " RETURNING attempts",
+                (now + lease_s, now, call.key, command_id),
+            ).fetchall()[0]
+            return Send(SendState.SENT, attempts)
+
+    @staticmethod
+    def _take_call(
+        db: sqlite3.Connection, command_id: str, call: CallRef, now: float, until: float
+    ) -> Send | None:
+        """Hold the call for ``command_id``, or say why not (inside the transaction)."""
+        row = db.execute(
+            "SELECT holder, holder_until, newest, newest_order FROM pabx_calls WHERE call_key = ?",
+            (call.key,),
+        ).fetchone()
+        newest, newest_order = command_id, call.order
+        if row is not None:
+            holder, holder_until, stored_newest, stored_order = row
+            if stored_newest not in (None, command_id) and stored_order > call.order:
+                return Send(SendState.SUPERSEDED, newer=stored_newest)
+            if holder not in (None, command_id) and holder_until > now:
+                return Send(SendState.CALL_BUSY, busy_until=holder_until)
+            if stored_newest is not None and call.order < stored_order:
+                newest, newest_order = stored_newest, stored_order
+        db.execute(
+            "INSERT INTO pabx_calls (call_key, holder, holder_until, newest, newest_order,"
+            " updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (call_key) DO UPDATE SET"
+            " holder = excluded.holder, holder_until = excluded.holder_until,"
+            " newest = excluded.newest, newest_order = excluded.newest_order,"
+            " updated_at = excluded.updated_at",
+            (call.key, command_id, until, newest, newest_order, now),
+        )
+        return None
+
+    def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE pabx_commands SET lease_until = ?, updated_at = ?"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING call_key",
+                (now + lease_s, now, command_id, token),
+            ).fetchall()
+            if not rows:
+                return False
+            if rows[0][0] is not None:
+                db.execute(
+                    "UPDATE pabx_calls SET holder_until = ?, updated_at = ?"
+                    " WHERE call_key = ? AND holder = ?",
+                    (now + lease_s, now, rows[0][0], command_id),
+                )
+            return True
+
+    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
+                " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
+                " RETURNING call_key",
+                (outcome, now, command_id, token),
+            ).fetchall()
+            if rows:
+                if rows[0][0] is not None:
+                    db.execute(_LET_GO, (now, rows[0][0], command_id))
+                return outcome
+            row = db.execute(
+                "SELECT outcome FROM pabx_commands WHERE command_id = ?", (command_id,)
+            ).fetchone()
+        if row is None:  # purged meanwhile: nothing to keep it in
+            return outcome
+        return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
+
+    def release(self, command_id: str, token: str, *, now: float) -> None:
+        with self._transaction() as db:
+            rows = db.execute(
+                "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING call_key",
+                (now, command_id, token),
+            ).fetchall()
+            if rows and rows[0][0] is not None:
+                db.execute(_LET_GO, (now, rows[0][0], command_id))
+
+    def reserve_slot(self, target: str, *, interval_s: float) -> float:
+        with self._transaction() as db:
+            now = time.time()  # read under the write lock: this host's clock, shared by all
+            row = db.execute(
+                "SELECT next_at FROM pabx_slots WHERE target = ?", (target,)
+            ).fetchone()
+            slot = now if row is None else max(now, row[0])
+            db.execute(
+                "INSERT INTO pabx_slots (target, next_at) VALUES (?, ?)"
+                " ON CONFLICT (target) DO UPDATE SET next_at = excluded.next_at",
+                (target, slot + interval_s),
+            )
+        return slot - now
+
+    def purge(self, *, older_than: float) -> int:
+        with self._transaction() as db:
+            cursor = db.execute("DELETE FROM pabx_commands WHERE updated_at < ?", (older_than,))
+            db.execute("DELETE FROM pabx_calls WHERE updated_at < ?", (older_than,))
+            # A slot whose next time has passed is what no row means: slot = now.
+            db.execute("DELETE FROM pabx_slots WHERE next_at < ?", (older_than,))
+            return cursor.rowcount
+
+    def ping(self) -> None:
+        with self._transaction() as db:
+            db.execute("SELECT 1").fetchone()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,1 @@
+"""The worker side: consume, decide, pace, call the PABX, publish outcomes."""

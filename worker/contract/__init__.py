@@ -1,0 +1,1 @@
+"""The shared contract: commands, outcome events, topology names, settings, schemas, errors."""

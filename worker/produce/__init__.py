@@ -1,0 +1,1 @@
+"""The producer side: publish commands (send, batch) and replay or inspect parked ones."""

@@ -1,0 +1,222 @@
+"""Wiring: build the worker's parts from settings, run it, close everything at the end."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from urllib.parse import urlsplit
+
+from worker.adapters.pabx import HttpPabx
+from worker.adapters.store import Store, open_store, redact_url
+from worker.consume.circuit import CircuitBreaker, CircuitState
+from worker.consume.consumer import Worker
+from worker.consume.leases import LeaseKeeper
+from worker.consume.observability import HealthServer, MeteredPabx, Metrics
+from worker.consume.pipeline import PabxClient, Policy, Processor
+from worker.contract.errors import ConfigurationError, StoreError
+from worker.contract.settings import PabxTarget, Settings
+from worker.logs import configure_logging, redact_text
+
+__all__ = ["build_processor", "run_worker", "secrets_of", "store_label"]
+
+log = logging.getLogger("pabx_worker")
+
+#: How often a store that stopped answering is pinged again (so a paused consumer resumes).
+STORE_RECHECK_S = 1.0
+
+
+def secrets_of(settings: Settings) -> list[str]:
+    """Every secret value the process knows, for log redaction."""
+    secrets = [t.api_key.get_secret_value() for t in settings.targets().values()]
+    secrets += list(settings.device_passwords().values())
+    return secrets
+
+
+def store_label(url: str) -> str:
+    """The store URL fit for logs: any password masked (URL userinfo or ``password=``)."""
+    return redact_text(redact_url(url))
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a PABX URL: no credentials, no path."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _log_dependencies(settings: Settings, targets: dict[str, PabxTarget]) -> None:
+    """One INFO line per dependency, where it is and never its credentials."""
+    for url in (u.strip() for u in settings.amqp_url.split(";")):
+        if url:
+            where = redact_url(url)
+            log.info("broker at %s", where, extra={"dependency": "broker", "at": where})
+    where = store_label(settings.store_url)
+    log.info("store at %s", where, extra={"dependency": "store", "at": where})
+    for name, target in targets.items():
+        where = _origin(target.url)
+        log.info(
+            "PABX target %s at %s",
+            name,
+            where,
+            extra={"dependency": "pabx", "target": name, "at": where},
+        )
+
+
+def _first_ping(store: Store, processor: Processor, label: str) -> None:
+    """Ping the store once at start; if it does not answer, warn and stay not ready.
+
+    The open store circuit keeps the consumer paused and ``/readyz`` at 503 until a ping
+    answers (:class:`_StoreWatch`).
+    """
+    try:
+        store.ping()
+    except StoreError as exc:
+        processor.store_breaker.failure()
+        log.warning(
+            "the store does not answer; not consuming until it does",
+            extra={"dependency": "store", "at": label, "error": str(exc)},
+        )
+        return
+    processor.store_breaker.success()
+    log.info("the store answers", extra={"dependency": "store", "at": label})
+
+
+@contextmanager
+def build_processor(
+    settings: Settings, metrics: Metrics | None = None, *, check_store: bool = False
+) -> Iterator[Processor]:
+    """A Processor with its PABX client, store and lease keeper, closed on exit.
+
+    The PABX client is layered: HTTP, timed for metrics. Each target has its own breaker.
+    ``check_store`` pings the store once before handing the Processor out (``run``).
+    """
+    targets = settings.require_targets()
+    passwords = settings.device_passwords()
+    policy = Policy.from_settings(settings)
+    http = HttpPabx(  # first: it checks the TLS files of every target
+        pool_size=settings.concurrency,
+        connect_timeout_s=settings.pabx_connect_timeout_s,
+        read_timeout_s=settings.pabx_read_timeout_s,
+        idle_timeout_s=settings.pabx_idle_timeout_s,
+        targets=targets,
+    )
+    try:
+        store = open_store(settings.store_url)
+    except BaseException:
+        http.close()
+        raise
+    timed: PabxClient = http if metrics is None else MeteredPabx(http, metrics)
+    leases = LeaseKeeper(store, lease_s=policy.lease_s).start()
+    try:
+        processor = Processor(
+            pabx=timed,
+            store=store,
+            targets=targets,
+            policy=policy,
+            passwords=passwords,
+            breakers={
+                name: CircuitBreaker(
+                    threshold=settings.circuit_threshold, reset_s=settings.circuit_reset_s
+                )
+                for name in targets
+            },
+            leases=leases,
+        )
+        if check_store:
+            _first_ping(store, processor, store_label(settings.store_url))
+        yield processor
+    finally:
+        leases.stop()
+        http.close()
+        store.close()
+
+
+def run_worker(settings: Settings) -> None:
+    """``pabx-worker run``: consume until SIGTERM or SIGINT."""
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, secrets=secrets_of(settings)
+    )
+    _log_dependencies(settings, settings.require_targets())
+    metrics = Metrics()
+    with build_processor(settings, metrics, check_store=True) as processor:
+        worker = Worker(settings, processor, metrics)
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            worker.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        server = _health_server(settings, worker, processor)
+        watch = _StoreWatch(processor, store_label(settings.store_url)).start()
+        try:
+            worker.run()
+        finally:
+            watch.stop()
+            if server is not None:
+                server.stop()
+    log.info("stopped")
+
+
+class _StoreWatch:
+    """Pings the store while its circuit is not closed, until it answers again.
+
+    Nothing else would: the consumer pauses while the store circuit is open (so no command
+    meets the store), and ``/readyz`` looks at the circuit before it pings (and is not
+    served at all with ``HTTP_PORT=0``). Started and stopped by :func:`run_worker`, before
+    the store is closed.
+    """
+
+    def __init__(self, processor: Processor, label: str, every_s: float = STORE_RECHECK_S):
+        self._processor = processor
+        self._label = label
+        self._every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pabx-store-watch", daemon=True)
+
+    def start(self) -> _StoreWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        breaker = self._processor.store_breaker
+        was_down = breaker.state is not CircuitState.CLOSED
+        while not self._stop.wait(self._every_s):
+            up = breaker.state is CircuitState.CLOSED or self._processor.store_answers()
+            if up and was_down:
+                log.info(
+                    "the store answers again", extra={"dependency": "store", "at": self._label}
+                )
+            was_down = not up
+
+
+def _health_server(settings: Settings, worker: Worker, processor: Processor) -> HealthServer | None:
+    """Serve /metrics, /healthz, /readyz on HTTP_PORT (0: not at all)."""
+    if settings.http_port == 0:
+        return None
+
+    def ready() -> bool:
+        state = worker.state
+        store_up = processor.store_breaker.state is CircuitState.CLOSED
+        return state.connected and state.consuming and store_up and processor.store_answers()
+
+    try:
+        server = HealthServer(
+            host=settings.http_host, port=settings.http_port, metrics=worker.metrics, ready=ready
+        )
+    except OSError as exc:
+        raise ConfigurationError(
+            f"PABX_WORKER_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}:"
+            f" {exc.strerror or exc}"
+        ) from None
+    log.info("serving /metrics, /healthz, /readyz", extra={"port": server.port})
+    return server.start()

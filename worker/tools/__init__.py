@@ -1,0 +1,1 @@
+"""Tools beside the worker: the PABX simulator, the demo, fakes and an in-memory broker."""
