@@ -289,7 +289,7 @@ def test_no_secret_in_logs_events_parked_headers_or_metrics(
     assert code == 0, worker.log[-3000:]
     assert api_keys_sent == {api_key}  # the secrets were really in use
     assert device_used and set(device_used) == {device_password}, device_used
-    messages = worker.contract.messages()
+    messages = worker.messages()
     assert len(worker.lines) > 5 and "consuming" in messages
     assert "connected to the broker" in messages
     assert any('"level": "WARNING"' in line or '"level": "INFO"' in line for line in worker.lines)

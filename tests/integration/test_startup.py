@@ -97,13 +97,13 @@ def test_store_down_at_start_warns_stays_unready_then_recovers(
         assert warning["level"] == "WARNING"
         assert warning["at"] == f"redis://:***@127.0.0.1:{redis_server.port}/0"
 
-        messages = worker.contract.messages()
+        messages = worker.messages()
         assert "broker at amqp://guest:***@127.0.0.1:5672/%2F" in messages, messages
         assert f"store at redis://:***@127.0.0.1:{redis_server.port}/0" in messages
         assert "PABX target default at http://127.0.0.1:9" in messages
 
         # Connected to the broker, yet neither consuming nor ready while the store is down.
-        assert wait_until(lambda: "connected to the broker" in worker.contract.messages(), 15)
+        assert wait_until(lambda: "connected to the broker" in worker.messages(), 15)
         if http:
             assert wait_until(lambda: _readyz(http_port) is not None, 10)
             assert _readyz(http_port) == 503
@@ -116,7 +116,7 @@ def test_store_down_at_start_warns_stays_unready_then_recovers(
         assert worker.consuming.wait(15), worker.log[-3000:]
         if http:
             assert wait_until(lambda: _readyz(http_port) == 200, 10)
-        assert "the store answers again" in worker.contract.messages()
+        assert "the store answers again" in worker.messages()
 
         code, _ = worker.terminate(20)
         assert code == 0, worker.log[-3000:]
