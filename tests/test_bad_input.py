@@ -55,7 +55,7 @@ from worker.contract.models import OutcomeEvent
 from worker.contract.settings import PabxTarget, Settings
 from worker.contract.topology import Topology
 from worker.tools.fakes import FakePabx
-from worker.tools.simulator import SimulatorThread
+from worker.tools.simulator import REQUIRED_FIELDS, SimulatorThread
 
 #: The broker's frame size (RabbitMQ's default ``frame_max``): a copy's header must fit.
 FRAME_MAX = 131_072
@@ -289,14 +289,7 @@ def _wrong_types() -> Iterator[Case]:
 def _missing_and_extra() -> Iterator[Case]:
     for key in ("type", "version", "redirect"):
         yield Case(f"missing-{key}", "missing field", enc(valid(f"missing-{key}", **{key: ABSENT})))
-    for key in (
-        "DISPOSITIVO",
-        "SENHA_DISPOSITIVO",
-        "DISPOSITIVO_DESTINO",
-        "ID_CHAMADA",
-        "PRIORIDADE",
-        "DADOS",
-    ):
+    for key in REQUIRED_FIELDS:
         tag = f"missing-redirect-{key}"
         yield Case(tag, "missing field", enc(valid(tag, redirect={key: ABSENT})))
     no_id = valid("missing-id", command_id=ABSENT)

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from worker.tools.example import VENDOR_EXAMPLE
+from worker.tools.simulator import REQUIRED_FIELDS
 
 __all__ = [
     "API_KEY",
@@ -25,17 +26,7 @@ API_KEY = "it-key-5f2b"
 CHANNEL = 17
 
 #: The fields of the vendor example a command must have (and the device password).
-VENDOR_REQUIRED: dict[str, str] = {
-    key: VENDOR_EXAMPLE[key]
-    for key in (
-        "DISPOSITIVO",
-        "SENHA_DISPOSITIVO",
-        "DISPOSITIVO_DESTINO",
-        "ID_CHAMADA",
-        "PRIORIDADE",
-        "DADOS",
-    )
-}
+VENDOR_REQUIRED: dict[str, str] = {key: VENDOR_EXAMPLE[key] for key in REQUIRED_FIELDS}
 
 #: The vendor example without ``ID_CHAMADA`` and ``DADOS`` (a counted command sets both).
 COUNTED_BODY: dict[str, str] = {
