@@ -342,6 +342,13 @@ def test_outcome_examples_cover_the_cases() -> None:
     assert all(e.data.amqp is not None for e in garbage)
 
 
+@pytest.mark.parametrize("path", OUTCOMES, ids=_ids(OUTCOMES))
+def test_outcome_example_has_no_null_attribute(path: Path) -> None:
+    """CloudEvents' JSON format has no null attributes: one without a value is left out."""
+    event = _load(path)
+    assert [name for name, value in event.items() if value is None] == []
+
+
 def _without_time(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k != "time"}
 

@@ -15,7 +15,7 @@ from worker.consume.pipeline import Decision, Finish, Policy, Processor, Requeue
 from worker.contract.errors import PabxOutcomeUnknown, PabxUnreachable, StoreError
 from worker.contract.messages import Delivery
 from worker.contract.models import OutcomeEvent, Status
-from worker.contract.settings import PabxTarget
+from worker.contract.settings import PabxTarget, Settings
 from worker.tools.fakes import FakePabx
 
 TARGET = PabxTarget(url="http://pabx.invalid", api_key="k", channel_id=17)
@@ -280,6 +280,26 @@ def test_garbage_without_any_id_is_correlated_by_amqp_properties(clock: Clock) -
     assert data.amqp.correlation_id == "corr-9"
     again = run(make(FakePabx(), clock), delivery(b"\xff\xfe", correlation_id="corr-9"))
     assert event(again).id == event(decision).id  # deterministic for the same bytes
+
+
+def test_event_without_a_command_id_leaves_subject_out_rather_than_null(clock: Clock) -> None:
+    decision = run(make(FakePabx(), clock), delivery(b"\xff\xfe"))
+    assert isinstance(decision, Finish)
+    wire = json.loads(decision.event)
+    assert "subject" not in wire
+    assert wire["source"] == "pabx-worker"  # no target could be read
+
+
+def test_source_names_the_site_then_the_target(clock: Clock) -> None:
+    decision = run(make(FakePabx(), clock, event_source="pabx-worker/sp-dc1"), delivery())
+    outcome = event(decision)
+    assert outcome.source == "pabx-worker/sp-dc1/default"
+    assert outcome.subject == outcome.data.command_id
+
+
+def test_event_source_setting_reaches_the_policy() -> None:
+    settings = Settings(event_source="urn:acme:pabx-worker:rj")
+    assert Policy.from_settings(settings).event_source == "urn:acme:pabx-worker:rj"
 
 
 def test_device_password_comes_from_the_device_file(clock: Clock) -> None:

@@ -64,7 +64,7 @@ from worker.contract.messages import (
     replay_generation,
 )
 from worker.contract.models import ErrorCode, ErrorInfo, PabxInfo, RedirectCommand, Status
-from worker.contract.outcomes import as_duplicate, build_event, encode
+from worker.contract.outcomes import SOURCE, as_duplicate, build_event, encode
 from worker.contract.settings import PabxTarget, Settings
 
 __all__ = [
@@ -145,6 +145,8 @@ class Policy:
     retry_ambiguous: bool = False
     #: The longest one PABX request may take (connect + read timeout).
     request_s: float = 8.0
+    #: CloudEvents ``source`` of outcome events (the deployment).
+    event_source: str = SOURCE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -159,6 +161,7 @@ class Policy:
             retry_delays_s=settings.retry_delays_s,
             retry_ambiguous=settings.retry_ambiguous,
             request_s=request_s,
+            event_source=settings.event_source,
         )
 
 
@@ -660,6 +663,7 @@ class Processor:
             pabx=pabx,
             error=error,
             delivery=prepared.delivery,
+            source=self._policy.event_source,
         )
         return Finish(
             encode(event),

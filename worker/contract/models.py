@@ -237,6 +237,14 @@ class OutcomeData(BaseModel):
     amqp: AmqpRef | None = None
 
 
+def _outcome_schema_extra(schema: dict[str, Any]) -> None:
+    """``subject`` is absent rather than null when there is no command id (CloudEvents JSON)."""
+    schema["$id"] = "https://pabx-worker/schemas/redirect-outcome.v1.json"
+    if "subject" in schema.get("required", ()):
+        schema["required"].remove("subject")
+    schema["properties"]["subject"] = {"title": "Subject", "type": "string", "minLength": 1}
+
+
 class OutcomeEvent(BaseModel):
     """A CloudEvents 1.0 event in structured mode reporting one command's outcome."""
 
@@ -245,7 +253,7 @@ class OutcomeEvent(BaseModel):
         frozen=True,
         json_schema_serialization_defaults_required=True,
         title="RedirectOutcome",
-        json_schema_extra={"$id": "https://pabx-worker/schemas/redirect-outcome.v1.json"},
+        json_schema_extra=_outcome_schema_extra,
     )
 
     specversion: Literal["1.0"] = "1.0"
@@ -257,7 +265,8 @@ class OutcomeEvent(BaseModel):
         "pabx.redirect.failed",
         "pabx.redirect.expired",
     ]
-    subject: str | None = None
+    #: The command id; omitted when none could be read (the JSON format has no null attributes).
+    subject: Annotated[str, Field(min_length=1)] | None = None
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: OutcomeData

@@ -21,7 +21,7 @@ __all__ = ["CONTENT_TYPE", "as_duplicate", "build_event", "encode", "routing_key
 
 #: AMQP content type of outcome events.
 CONTENT_TYPE = "application/cloudevents+json"
-#: CloudEvents ``source`` attribute.
+#: Default CloudEvents ``source``: the deployment; the target's name is appended when known.
 SOURCE = "pabx-worker"
 
 
@@ -35,8 +35,13 @@ def build_event(
     pabx: PabxInfo | None = None,
     error: ErrorInfo | None = None,
     delivery: Delivery | None = None,
+    source: str = SOURCE,
 ) -> OutcomeEvent:
-    """The outcome event of one command; ``delivery`` is quoted when no id could be read."""
+    """The outcome event of one command; ``delivery`` is quoted when no id could be read.
+
+    ``source`` names the deployment; a command's target is appended (``<source>/<target>``), so
+    ``source`` + ``id`` stays unique across sites that see the same command id.
+    """
     amqp = None
     if command_id is None and delivery is not None:
         amqp = AmqpRef(message_id=delivery.message_id, correlation_id=delivery.correlation_id)
@@ -59,7 +64,7 @@ def build_event(
     )
     return OutcomeEvent(
         id=event_id,
-        source=SOURCE,
+        source=source if command is None else f"{source}/{command.pabx}",
         type=f"pabx.redirect.{status.value}",  # type: ignore[arg-type]
         subject=command_id,
         time=datetime.now(UTC),
@@ -68,8 +73,8 @@ def build_event(
 
 
 def encode(event: OutcomeEvent) -> bytes:
-    """The wire form of an event."""
-    return event.model_dump_json().encode()
+    """The wire form of an event: ``subject`` is left out, not null, when there is none."""
+    return event.model_dump_json(exclude={"subject"} if event.subject is None else None).encode()
 
 
 def as_duplicate(stored: bytes) -> bytes:

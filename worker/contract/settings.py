@@ -194,6 +194,8 @@ class Settings(BaseSettings):
     heartbeat_s: Annotated[int, Field(ge=0, le=600)] = 30
     #: How long SIGTERM waits for in-flight commands.
     shutdown_timeout_s: Seconds = 30.0
+    #: CloudEvents ``source`` of outcomes: name the site (``<source>/<target>`` on the wire).
+    event_source: Annotated[str, Field(min_length=1)] = "pabx-worker"
 
     _pabx_url = field_validator("pabx_url")(classmethod(lambda cls, v: _check_http_url(v)))
 
