@@ -18,6 +18,7 @@ import pika
 from amqp import Message
 
 from tests.kit import topology
+from tests.kit.official_sdk import read_outcome
 from worker.adapters.channel import Connect
 from worker.consume.inbound import tolerate_non_utf8_properties
 from worker.contract.settings import Settings
@@ -85,7 +86,7 @@ class Peer:
             if method is None:
                 self.connection.sleep(0.05)
                 continue
-            self.seen.append((props, json.loads(body)))
+            self.seen.append((props, read_outcome(body, props.content_type, props.headers)))
         return list(self.seen)
 
     def drain(self, queue: str, count: int, timeout: float = 10.0) -> list[tuple[Any, bytes]]:
@@ -158,7 +159,8 @@ class MemoryPeer:
     def events(self, count: int, timeout: float = 15.0) -> list[tuple[Any, dict[str, Any]]]:
         """Wait for ``count`` outcome events in all (properties, event)."""
         for message in self._take(self.results_queue, count - len(self.seen), timeout):
-            self.seen.append((as_pika_properties(message.properties), json.loads(message.body)))
+            props = as_pika_properties(message.properties)
+            self.seen.append((props, read_outcome(message.body, props.content_type, props.headers)))
         return list(self.seen)
 
     def drain(self, queue: str, count: int, timeout: float = 10.0) -> list[tuple[Any, bytes]]:

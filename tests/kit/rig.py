@@ -5,7 +5,6 @@ results exchange with ``#``."""
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -16,6 +15,7 @@ import pika.exceptions
 
 from tests.kit import topology
 from tests.kit.events import Peer, Seen
+from tests.kit.official_sdk import read_outcome
 from tests.kit.processes import set_faults, sim_requests
 from tests.kit.samples import API_KEY
 from tests.kit.topology import private_settings
@@ -110,7 +110,8 @@ class Rig:
             method, props, body = self.peer.channel.basic_get(self.results_queue, auto_ack=True)
             if method is None:
                 return got
-            self.seen.append(Seen(json.loads(body), props, body, time.monotonic()))
+            event = read_outcome(body, props.content_type, props.headers)
+            self.seen.append(Seen(event, props, body, time.monotonic()))
             got += 1
 
     def events(self) -> dict[str, list[dict[str, Any]]]:
