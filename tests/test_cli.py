@@ -119,3 +119,23 @@ def test_unreadable_secret_file_is_one_line_naming_variable_and_path(
         "pabx-worker: configuration error: PABX_WORKER_AMQP_URL_FILE:"
         f" cannot read {unreadable}: No such file or directory"
     ]
+
+
+def test_version_is_the_installed_distributions() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"pabx-worker {version('pabx-worker')}\n"
+
+
+def test_schemas_check_outside_a_checkout_checks_the_installed_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.contract.schemas import installed_directory
+
+    monkeypatch.chdir(tmp_path)  # no ./schemas here
+    result = runner.invoke(app, ["schemas", "check"])
+    assert result.exit_code == 0, result.output
+    assert f"up to date ({installed_directory()})" in result.output
+    assert (installed_directory() / "redirect-outcome.v1.json").is_file()

@@ -39,6 +39,27 @@ app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(parked_app, name="parked")
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"pabx-worker {version('pabx-worker')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 ConfigOption = Annotated[
     Path | None,
     typer.Option("--config", help="TOML file with settings (environment variables win)."),
@@ -514,14 +535,23 @@ def schemas_export(directory: SchemasDir = Path("schemas")) -> None:
 
 
 @schemas_app.command("check")
-def schemas_check(directory: SchemasDir = Path("schemas")) -> None:
+def schemas_check(
+    directory: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Where the schema files live [default: ./schemas, else the installed copy]",
+        ),
+    ] = None,
+) -> None:
     """Fail (exit 1) when schemas/*.json differ from the models."""
-    from worker.contract.schemas import check_schemas
+    from worker.contract.schemas import check_schemas, default_directory
 
+    directory = directory or default_directory()
     drifted = check_schemas(directory)
     if drifted:
         raise _fail(1, f"out of date: {', '.join(drifted)}; run `pabx-worker schemas export`")
-    typer.echo("schemas up to date", err=True)
+    typer.echo(f"schemas up to date ({directory})", err=True)
 
 
 def main() -> None:

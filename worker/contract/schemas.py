@@ -8,7 +8,14 @@ from typing import Any
 
 from worker.contract.models import OutcomeEvent, RedirectCommand
 
-__all__ = ["SCHEMA_FILES", "check_schemas", "export_schemas", "render_schemas"]
+__all__ = [
+    "SCHEMA_FILES",
+    "check_schemas",
+    "default_directory",
+    "export_schemas",
+    "installed_directory",
+    "render_schemas",
+]
 
 #: File name → the model it is generated from, and the JSON Schema mode.
 SCHEMA_FILES: dict[str, tuple[type[Any], str]] = {
@@ -16,6 +23,22 @@ SCHEMA_FILES: dict[str, tuple[type[Any], str]] = {
     "redirect-outcome.v1.json": (OutcomeEvent, "serialization"),
 }
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
+#: Where a wheel installs ``schemas/``, beside this module (see ``setup.py``).
+_PACKAGED = Path(__file__).resolve().parent / "schema_files"
+#: ``schemas/`` of a checkout, relative to the working directory.
+CHECKOUT_DIRECTORY = Path("schemas")
+
+
+def installed_directory() -> Path:
+    """The contract files installed with the package (a checkout's ``schemas/`` if editable)."""
+    if _PACKAGED.is_dir():
+        return _PACKAGED
+    return Path(__file__).resolve().parents[2] / "schemas"  # editable install or plain checkout
+
+
+def default_directory() -> Path:
+    """``./schemas`` in a checkout, otherwise the copy installed with the package."""
+    return CHECKOUT_DIRECTORY if CHECKOUT_DIRECTORY.is_dir() else installed_directory()
 
 
 def render_schemas() -> dict[str, str]:
