@@ -302,6 +302,12 @@ def test_event_source_setting_reaches_the_policy() -> None:
     assert Policy.from_settings(settings).event_source == "urn:acme:pabx-worker:rj"
 
 
+@pytest.mark.parametrize("value", ["", "site a"])
+def test_event_source_is_a_uri_reference_without_spaces(value: str) -> None:
+    with pytest.raises(ValueError, match="event_source"):
+        Settings(event_source=value)
+
+
 def test_device_password_comes_from_the_device_file(clock: Clock) -> None:
     pabx = FakePabx()
     body = command(redirect={"DISPOSITIVO": "7000", "SENHA_DISPOSITIVO": None})

@@ -195,7 +195,7 @@ class Settings(BaseSettings):
     #: How long SIGTERM waits for in-flight commands.
     shutdown_timeout_s: Seconds = 30.0
     #: CloudEvents ``source`` of outcomes: name the site (``<source>/<target>`` on the wire).
-    event_source: Annotated[str, Field(min_length=1)] = "pabx-worker"
+    event_source: Annotated[str, Field(pattern=r"^[^\s]+$")] = "pabx-worker"
 
     _pabx_url = field_validator("pabx_url")(classmethod(lambda cls, v: _check_http_url(v)))
 
