@@ -34,7 +34,9 @@ app = typer.Typer(
 )
 topology_app = typer.Typer(no_args_is_help=True, help="Declare or export the broker topology.")
 schemas_app = typer.Typer(no_args_is_help=True, help="Write or check schemas/*.json.")
-parked_app = typer.Typer(no_args_is_help=True, help="Inspect and replay parked commands.")
+parked_app = typer.Typer(
+    no_args_is_help=True, help="Inspect, export, replay and discard parked commands."
+)
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(parked_app, name="parked")
@@ -477,6 +479,116 @@ def parked_replay(
     if report.error:
         typer.echo(f"pabx-worker: replay stopped: {report.error}; nothing was lost", err=True)
     raise typer.Exit(0 if report.ok else 1)
+
+
+LimitOption = Annotated[int | None, typer.Option(min=1, help="At most this many.")]
+RateOption = Annotated[
+    float | None, typer.Option(min=0.001, help="At most this many messages per second.")
+]
+
+
+@parked_app.command("discard")
+def parked_discard(
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            help="JSON Lines file each message is appended to before it is removed (0600).",
+        ),
+    ] = None,
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: LimitOption = None,
+    rate: RateOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+    no_declare: NoDeclareOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Remove parked commands for good, each written to --archive before it is acked."""
+    from datetime import UTC, datetime
+
+    from worker.produce.archive import ArchiveWriter, open_archive
+    from worker.produce.parked import DiscardReport, ParkedMessage, ParkedQueue
+
+    where = _parked_filter(code, older_than, newer_than)
+    if archive is None and not dry_run:
+        raise _fail(2, "--archive: required (where removed messages are kept), or --dry-run")
+    settings = _settings(config)
+    out = None if dry_run else _open_archive(archive, open_archive)
+    now = datetime.now(UTC)
+
+    def said(m: ParkedMessage) -> None:
+        typer.echo(f"discarded {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
+
+    def discard() -> DiscardReport:
+        with _producer(settings, declare=not no_declare) as producer:
+            writer = None if out is None else ArchiveWriter(out)
+            return ParkedQueue(producer).discard(
+                writer, where=where, limit=limit, rate=rate, dry_run=dry_run, on_discarded=said
+            )
+
+    try:
+        report = _guard(discard)
+    except KeyboardInterrupt:
+        raise _fail(1, "interrupted; what was not archived is still parked") from None
+    finally:
+        if out is not None:
+            out.close()
+    for m in report.selected if dry_run else ():
+        typer.echo(f"would discard {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
+    verb = "would discard" if dry_run else "discarded"
+    gone = len(report.selected) if dry_run else len(report.discarded)
+    where_to = "" if archive is None or dry_run else f", archived in {archive}"
+    typer.echo(
+        f"{verb} {gone} of {len(report.selected)} matching ({report.scanned} looked at)"
+        f" from {settings.parked_queue}{where_to}",
+        err=True,
+    )
+    if report.error:
+        typer.echo(f"pabx-worker: discard stopped: {report.error}; nothing was lost", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _open_archive(path: Path | None, opener: Callable[..., Any], *, append: bool = True) -> Any:
+    if path is None:
+        return None
+    try:
+        return opener(path, append=append)
+    except OSError as exc:
+        raise _fail(2, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@parked_app.command("export")
+def parked_export(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="JSON Lines file; default stdout.")
+    ] = None,
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: LimitOption = None,
+    no_declare: NoDeclareOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Write parked commands as JSON Lines, bodies unmasked, without consuming them."""
+    from worker.produce.archive import ArchiveWriter, open_archive
+    from worker.produce.parked import ParkedQueue
+
+    where = _parked_filter(code, older_than, newer_than)
+    settings = _settings(config)
+    out = sys.stdout if output is None else _open_archive(output, open_archive, append=False)
+
+    def export() -> tuple[int, int]:
+        with _producer(settings, declare=not no_declare) as producer:
+            return ParkedQueue(producer).export(ArchiveWriter(out), where=where, limit=limit)
+
+    try:
+        depth, written = _guard(export)
+    finally:
+        if output is not None:
+            out.close()
+    typer.echo(f"exported {written} of {depth} parked in {settings.parked_queue}", err=True)
 
 
 @topology_app.command("declare")
