@@ -230,6 +230,26 @@ def test_replay_filters_limit_and_dry_run_leave_the_rest_parked(
     assert sorted(ids_in(peer, settings.command_queue)) == ["r-0", "r-1", "r-2", "r-3", "r-5"]
 
 
+def test_replay_json_reports_what_moved(settings: Settings, peer: Peer) -> None:
+    for i in range(3):
+        park(peer, command(command_id=f"j-{i}"), code="pabx_unreachable" if i else "pabx_error")
+    dry = parked_cli(settings, "replay", "--dry-run", "--json", "--code", "pabx_unreachable")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "scanned": 3,
+        "selected": ["j-1", "j-2"],
+        "replayed": [],
+        "failed": [],
+        "error": None,
+    }
+    done = parked_cli(settings, "replay", "--json", "--limit", "1")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # stdout holds the JSON alone
+    assert report["selected"] == report["replayed"] == ["j-0"] and report["dry_run"] is False
+    assert [m["command_id"] for m in listed(settings)] == ["j-1", "j-2"]
+
+
 def test_replay_after_fixing_the_key_gets_the_commands_accepted(
     settings: Settings, peer: Peer, sim: SimulatorThread
 ) -> None:
