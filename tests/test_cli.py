@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -139,3 +140,86 @@ def test_schemas_check_outside_a_checkout_checks_the_installed_copy(
     assert result.exit_code == 0, result.output
     assert f"up to date ({installed_directory()})" in result.output
     assert (installed_directory() / "redirect-outcome.v1.json").is_file()
+
+
+# -- help, completion --------------------------------------------------------------------
+
+
+def _leaf_commands() -> list[list[str]]:
+    """The argv prefix of every command that does something (``parked replay`` …)."""
+    import typer
+
+    def walk(command: Any, path: list[str]) -> list[list[str]]:
+        if hasattr(command, "commands"):  # a group
+            return [
+                leaf
+                for name, sub in sorted(command.commands.items())
+                for leaf in walk(sub, [*path, name])
+            ]
+        return [path]
+
+    return walk(typer.main.get_command(app), [])
+
+
+@pytest.mark.parametrize("argv", _leaf_commands(), ids=" ".join)
+def test_help_names_settings_and_exit_codes_without_type_labels(argv: list[str]) -> None:
+    import re
+
+    result = runner.invoke(app, [*argv, "--help"], prog_name="pabx-worker", terminal_width=100)
+    assert result.exit_code == 0
+    text = result.stdout
+    assert "Settings:" in text and "Exit codes:" in text, text
+    assert not re.search(r"<(bool|str|int|float|path|list\[\w+\])>", text), text
+    assert "TEXT" not in text and "FLOAT" not in text and "INTEGER" not in text, text
+    # every option that takes a value names what it takes
+    for option in re.findall(r"^\s+(--[\w-]+)( [A-Z_]+)?\s", text, flags=re.MULTILINE):
+        assert option[0] in FLAGS or option[1], (argv, option[0], text)
+
+
+#: Options that take no value.
+FLAGS = {
+    "--help",
+    "--json",
+    "--dry-run",
+    "--no-declare",
+    "--skip-invalid",
+    "--validate",
+    "--install-completion",
+    "--show-completion",
+    "--version",
+}
+
+
+def test_completion_is_enabled_and_completes_commands() -> None:
+    import os
+    import subprocess
+    import sys
+
+    def complete(words: str) -> list[str]:
+        env = {
+            **os.environ,
+            "_PABX_WORKER_COMPLETE": "complete_bash",
+            "COMP_WORDS": words,
+            "COMP_CWORD": str(len(words.split()) - 1),
+        }
+        done = subprocess.run(
+            [sys.executable, "-m", "worker"], env=env, capture_output=True, text=True, timeout=60
+        )
+        return done.stdout.split()
+
+    assert complete("pabx-worker par") == ["parked"]
+    assert set(complete("pabx-worker parked d")) == {"discard"}
+    assert "--older-than" in complete("pabx-worker parked replay --o")
+    script = subprocess.run(
+        [sys.executable, "-m", "worker", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert script.returncode == 0 and "_PABX_WORKER_COMPLETE" in script.stdout
+
+
+def test_topology_export_json_is_the_definitions() -> None:
+    plain = runner.invoke(app, ["topology", "export"])
+    as_json = runner.invoke(app, ["topology", "export", "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout) == json.loads(plain.stdout)

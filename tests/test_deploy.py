@@ -253,6 +253,15 @@ def test_unit_is_hardened(unit: Path) -> None:
     assert Path(argv[0]).name == "pabx-worker" and argv[1:] == ["run"]
 
 
+def test_unit_waits_for_readiness_and_watches_the_worker(unit: Path) -> None:
+    from worker.consume.consumer import MAX_RECONNECT_WAIT_S
+
+    service = read_unit(unit)["Service"]
+    assert service["Type"] == ["notify"] and service["NotifyAccess"] == ["main"]
+    # The worker pings at half the period, also between reconnection attempts.
+    assert seconds(service["WatchdogSec"][0]) / 2 > MAX_RECONNECT_WAIT_S
+
+
 def test_unit_environment_is_valid(
     unit: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

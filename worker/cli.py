@@ -1,6 +1,8 @@
 """The ``pabx-worker`` command line (SPEC §1).
 
-Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error. Help is plain
+text (click's layout): each value names what it takes (``--wait SECONDS``), no Python types,
+and each command's help names the settings it reads and its exit codes.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+import typer.core
 
 from worker.contract.errors import (
     BatchFileError,
@@ -26,15 +29,45 @@ from worker.contract.settings import Settings, load_settings
 
 __all__ = ["app", "main"]
 
-app = typer.Typer(
-    no_args_is_help=True,
+#: The name completion scripts and usage lines use, also under ``python -m worker``.
+PROG_NAME = "pabx-worker"
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose help lists arguments by name, without typer's ``<str>`` type labels."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                args.append((param.metavar or (param.name or "").upper(), record[1]))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _typer(**options: Any) -> typer.Typer:
+    return typer.Typer(no_args_is_help=True, rich_markup_mode=None, **options)
+
+
+app = _typer(
     pretty_exceptions_enable=False,
-    add_completion=False,
     help="Relay redirect commands from RabbitMQ to a Dígitro PABX.",
+    epilog=(
+        "Settings are PABX_WORKER_* variables, or their keys in a --config TOML file;"
+        " see README.md, Configuration. Exit codes: 0 success, 1 runtime failure,"
+        " 2 usage or configuration error."
+    ),
 )
-topology_app = typer.Typer(no_args_is_help=True, help="Declare or export the broker topology.")
-schemas_app = typer.Typer(no_args_is_help=True, help="Write or check schemas/*.json.")
-parked_app = typer.Typer(no_args_is_help=True, help="Inspect and replay parked commands.")
+topology_app = _typer(help="Declare or export the broker topology.")
+schemas_app = _typer(help="Write or check schemas/*.json.")
+parked_app = _typer(help="Inspect, export, replay and discard parked commands.")
 app.add_typer(topology_app, name="topology")
 app.add_typer(schemas_app, name="schemas")
 app.add_typer(parked_app, name="parked")
@@ -62,7 +95,9 @@ def _root(
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", help="TOML file with settings (environment variables win)."),
+    typer.Option(
+        "--config", metavar="FILE", help="TOML file with settings (environment variables win)."
+    ),
 ]
 NoDeclareOption = Annotated[
     bool,
@@ -71,6 +106,7 @@ NoDeclareOption = Annotated[
         help="Do not declare the topology (needs no configure permission): check it passively.",
     ),
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on stdout, for scripts.")]
 T = TypeVar("T")
 
 
@@ -101,9 +137,17 @@ def _settings(config: Path | None, **values: Any) -> Settings:
     return _guard(lambda: load_settings(config, **values))
 
 
-@app.command()
+@app.command(cls=Command)
 def run(config: ConfigOption = None) -> None:
-    """Consume commands, call the PABX, publish outcomes; stops on SIGTERM/SIGINT."""
+    """Consume commands, call the PABX, publish outcomes; stops on SIGTERM/SIGINT.
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PABX_URL, PABX_WORKER_PABX_API_KEY and
+    PABX_WORKER_PABX_CHANNEL_ID (or [pabx.NAME] targets), PABX_WORKER_STORE_URL; the rest
+    have defaults. Under systemd Type=notify it reports readiness and pings the watchdog.
+
+    Exit codes: 0 stopped by a signal, 1 runtime failure, 2 configuration error (also a
+    topology mismatch or refused broker credentials).
+    """
     from worker.runtime import run_worker
 
     settings = _settings(config)
@@ -111,24 +155,37 @@ def run(config: ConfigOption = None) -> None:
     _guard(lambda: run_worker(settings))
 
 
-@app.command()
+@app.command(cls=Command)
 def simulate(
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    api_key: Annotated[str, typer.Option("--api-key", help="The x-api-key it accepts.")] = "",
-    latency_ms: Annotated[float, typer.Option("--latency-ms", help="Initial latency.")] = 0,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Port to listen on.")] = 8080,
+    api_key: Annotated[
+        str, typer.Option("--api-key", metavar="KEY", help="The x-api-key it accepts.")
+    ] = "",
+    latency_ms: Annotated[
+        float, typer.Option("--latency-ms", metavar="MS", help="Initial latency.")
+    ] = 0,
     tls_cert: Annotated[
-        Path | None, typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM).")
+        Path | None,
+        typer.Option("--tls-cert", metavar="FILE", help="Serve HTTPS with this certificate (PEM)."),
     ] = None,
     tls_key: Annotated[
-        Path | None, typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")
+        Path | None,
+        typer.Option("--tls-key", metavar="FILE", help="Private key of --tls-cert (PEM)."),
     ] = None,
     client_ca: Annotated[
         Path | None,
-        typer.Option("--client-ca", help="Require client certificates signed by this CA."),
+        typer.Option(
+            "--client-ca", metavar="FILE", help="Require client certificates signed by this CA."
+        ),
     ] = None,
 ) -> None:
-    """Serve the PABX simulator (vendor API + /_sim admin API)."""
+    """Serve the PABX simulator (vendor API + /_sim admin API) until SIGTERM/SIGINT.
+
+    Settings: none (options only).
+
+    Exit codes: 0 stopped, 1 cannot listen, 2 bad options.
+    """
     from worker.tools.simulator import run_simulator
 
     if not api_key:
@@ -149,23 +206,40 @@ def simulate(
         raise _fail(1, f"cannot listen on {host}:{port}: {exc}") from None
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(config: ConfigOption = None) -> None:
-    """Start the simulator and a worker, send sample commands, print their outcomes."""
+    """Start the simulator and a worker, send sample commands, print their outcomes.
+
+    Settings: PABX_WORKER_AMQP_URL (a local RabbitMQ).
+
+    Exit codes: 0 every outcome as expected, 1 otherwise or no broker, 2 configuration error.
+    """
     from worker.tools.demo import run_demo
 
     raise typer.Exit(_guard(lambda: run_demo(config)))
 
 
-@app.command()
+@app.command(cls=Command)
 def send(
-    file: Annotated[str, typer.Argument(help="JSON command file, or - for stdin.")] = "-",
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome; 0: don't.")] = 0,
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="JSON command file, or - for stdin.")
+    ] = "-",
+    wait: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds to wait for the outcome; 0: don't.")
+    ] = 0,
     validate: Annotated[bool, typer.Option(help="Validate before publishing.")] = True,
     no_declare: NoDeclareOption = False,
+    as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Publish one command with publisher confirms; --wait prints its outcome."""
+    """Publish one command with publisher confirms; --wait prints its outcome.
+
+    Settings: PABX_WORKER_AMQP_URL (a user that may publish to the commands exchange).
+    --json prints {"command_id", "published", "outcome"} (outcome null without --wait).
+
+    Exit codes: 0 published (with --wait: accepted), 1 broker error, no outcome in time or
+    an outcome other than accepted, 2 invalid command or configuration error.
+    """
     from worker.contract.messages import Delivery, decode_command, parse_json
     from worker.produce.producer import Producer
 
@@ -198,28 +272,50 @@ def send(
 
     outcome = _guard(publish)
     typer.echo(f"published {message_id}", err=True)
+    if as_json:
+        summary = {"command_id": message_id, "published": True, "outcome": outcome}
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     if wait > 0:
         if outcome is None:
             raise _fail(1, f"no outcome for {message_id} within {wait:g} s")
-        typer.echo(json.dumps(outcome, indent=2, ensure_ascii=False))
+        if not as_json:
+            typer.echo(json.dumps(outcome, indent=2, ensure_ascii=False))
         raise typer.Exit(0 if outcome["data"]["status"] == "accepted" else 1)
 
 
-@app.command()
+@app.command(cls=Command)
 def batch(
-    file: Annotated[Path, typer.Argument(help="CSV (vendor field names as header) or JSON Lines.")],
-    wait: Annotated[float, typer.Option(help="Seconds to wait for the outcomes; 0: don't.")] = 0,
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE", help="CSV (vendor field names as header) or JSON Lines."),
+    ],
+    wait: Annotated[
+        float, typer.Option(metavar="SECONDS", help="Seconds to wait for the outcomes; 0: don't.")
+    ] = 0,
     results: Annotated[
         Path | None,
-        typer.Option("--results", help="Write command_id,status,error_code,attempts (CSV) here."),
+        typer.Option(
+            "--results",
+            metavar="FILE",
+            help="Write command_id,status,error_code,attempts (CSV) here.",
+        ),
     ] = None,
     skip_invalid: Annotated[
         bool, typer.Option("--skip-invalid", help="Publish the valid rows, report the others.")
     ] = False,
     no_declare: NoDeclareOption = False,
+    as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
+    """Publish many commands from a CSV or JSON Lines file, with publisher confirms.
+
+    Settings: PABX_WORKER_AMQP_URL (a user that may publish to the commands exchange).
+    --json prints the summary as one object: rows, commands, merged_rows, invalid_rows,
+    published, outcomes (counts by status, null without --wait), error, exit_code.
+
+    Exit codes: 0 all published (with --wait: all accepted), 1 otherwise or broker error,
+    2 invalid rows (without --skip-invalid), unreadable file or configuration error.
+    """
     from worker.produce.batch import load_batch
 
     if wait < 0:
@@ -241,7 +337,9 @@ def batch(
         raise _fail(2, f"{file}: no valid command to publish")
     out = _open_for_writing(results, "--results")
     try:
-        code = _run_batch(settings, file, loaded, wait, out, declare=not no_declare)
+        code = _run_batch(
+            settings, file, loaded, wait, out, declare=not no_declare, as_json=as_json
+        )
     finally:
         if out is not None:
             out.close()
@@ -258,7 +356,14 @@ def _open_for_writing(path: Path | None, option: str) -> Any:
 
 
 def _run_batch(
-    settings: Settings, file: Path, loaded: Any, wait: float, out: Any, *, declare: bool = True
+    settings: Settings,
+    file: Path,
+    loaded: Any,
+    wait: float,
+    out: Any,
+    *,
+    declare: bool = True,
+    as_json: bool = False,
 ) -> int:
     from worker.produce.batch import (
         NOT_PUBLISHED,
@@ -284,13 +389,10 @@ def _run_batch(
         raise _fail(1, "interrupted; running the same file again sends no command twice") from None
     if out is not None:
         write(out, run.results)
-    merged = f", {loaded.merged_rows} duplicate rows merged" if loaded.merged_rows else ""
-    skipped = f", {loaded.invalid_rows} invalid rows skipped" if loaded.invalid_rows else ""
-    typer.echo(f"{file}: {loaded.rows} rows, {len(loaded.commands)} commands{merged}{skipped}")
-    typer.echo(f"published {run.published} of {len(run.results)} commands")
-    if run.waited:
-        counts = run.counts()
-        typer.echo("outcomes: " + ", ".join(f"{k} {counts[k]}" for k in sorted(counts)))
+    if as_json:
+        typer.echo(json.dumps(_batch_summary(file, loaded, run), indent=2))
+    else:
+        _print_batch_summary(file, loaded, run)
     if run.error:
         typer.echo(
             f"pabx-worker: publishing stopped: {run.error}; running the same file again"
@@ -300,17 +402,55 @@ def _run_batch(
     return run.exit_code
 
 
+def _batch_summary(file: Path, loaded: Any, run: Any) -> dict[str, Any]:
+    """What ``batch --json`` prints."""
+    return {
+        "file": str(file),
+        "rows": loaded.rows,
+        "commands": len(loaded.commands),
+        "merged_rows": loaded.merged_rows,
+        "invalid_rows": loaded.invalid_rows,
+        "published": run.published,
+        "outcomes": dict(sorted(run.counts().items())) if run.waited else None,
+        "error": run.error,
+        "exit_code": run.exit_code,
+    }
+
+
+def _print_batch_summary(file: Path, loaded: Any, run: Any) -> None:
+    merged = f", {loaded.merged_rows} duplicate rows merged" if loaded.merged_rows else ""
+    skipped = f", {loaded.invalid_rows} invalid rows skipped" if loaded.invalid_rows else ""
+    typer.echo(f"{file}: {loaded.rows} rows, {len(loaded.commands)} commands{merged}{skipped}")
+    typer.echo(f"published {run.published} of {len(run.results)} commands")
+    if run.waited:
+        counts = run.counts()
+        typer.echo("outcomes: " + ", ".join(f"{k} {counts[k]}" for k in sorted(counts)))
+
+
 CodeOption = Annotated[
     list[str] | None,
-    typer.Option("--code", help="Only messages with this error code (repeatable)."),
+    typer.Option("--code", metavar="CODE", help="Only messages with this error code (repeatable)."),
 ]
 OlderOption = Annotated[
     str | None,
-    typer.Option("--older-than", help="Only messages parked longer ago (seconds, 90s, 15m, 2h)."),
+    typer.Option(
+        "--older-than",
+        metavar="AGE",
+        help="Only messages parked longer ago (seconds, 90s, 15m, 2h).",
+    ),
 ]
 NewerOption = Annotated[
     str | None,
-    typer.Option("--newer-than", help="Only messages parked more recently (seconds, 15m …)."),
+    typer.Option(
+        "--newer-than", metavar="AGE", help="Only messages parked more recently (seconds, 15m …)."
+    ),
+]
+
+
+LimitOption = Annotated[int | None, typer.Option(min=1, metavar="N", help="At most this many.")]
+RateOption = Annotated[
+    float | None,
+    typer.Option(min=0.001, metavar="PER_S", help="At most this many messages per second."),
 ]
 
 
@@ -355,17 +495,24 @@ def _producer(settings: Settings, *, declare: bool) -> Any:
     return Producer(settings, declare=declare, needs=() if declare else (settings.parked_queue,))
 
 
-@parked_app.command("list")
+@parked_app.command("list", cls=Command)
 def parked_list(
     code: CodeOption = None,
     older_than: OlderOption = None,
     newer_than: NewerOption = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON array, for scripts.")] = False,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="Show at most this many.")] = 100,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON array on stdout, for scripts.")
+    ] = False,
     no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """List parked commands with reason, age and attempts (without consuming them)."""
+    """List parked commands with reason, age and attempts (without consuming them).
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PARKED_QUEUE (default pabx.parked).
+
+    Exit codes: 0 listed, 1 broker error, 2 bad option or configuration error.
+    """
     from datetime import UTC, datetime
 
     where = _parked_filter(code, older_than, newer_than)
@@ -388,14 +535,23 @@ def parked_list(
         )
 
 
-@parked_app.command("show")
+@parked_app.command("show", cls=Command)
 def parked_show(
-    command_id: Annotated[str, typer.Argument(help="Command id (or AMQP message/correlation id).")],
+    command_id: Annotated[
+        str,
+        typer.Argument(metavar="COMMAND_ID", help="Command id (or AMQP message/correlation id)."),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="JSON, for scripts.")] = False,
     no_declare: NoDeclareOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Show the parked copies of one command: why, when, attempts, headers and body."""
+    """Show the parked copies of one command: why, when, attempts, headers and body.
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PARKED_QUEUE (default pabx.parked).
+    Passwords in the body are masked.
+
+    Exit codes: 0 shown, 1 not parked or broker error, 2 configuration error.
+    """
     from datetime import UTC, datetime
 
     from worker.produce.parked import ParkedFilter
@@ -449,20 +605,27 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-@parked_app.command("replay")
+@parked_app.command("replay", cls=Command)
 def parked_replay(
     code: CodeOption = None,
     older_than: OlderOption = None,
     newer_than: NewerOption = None,
-    limit: Annotated[int | None, typer.Option(min=1, help="Replay at most this many.")] = None,
-    rate: Annotated[
-        float | None, typer.Option(min=0.001, help="At most this many messages per second.")
-    ] = None,
+    limit: LimitOption = None,
+    rate: RateOption = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would move.")] = False,
     no_declare: NoDeclareOption = False,
+    as_json: JsonOption = False,
     config: ConfigOption = None,
 ) -> None:
-    """Move parked commands back to the commands exchange; ack each once confirmed."""
+    """Move parked commands back to the commands exchange; ack each once confirmed.
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PARKED_QUEUE (default pabx.parked),
+    PABX_WORKER_COMMANDS_EXCHANGE. --json prints one object: dry_run, scanned, selected,
+    replayed (command ids), failed ({command_id, reason}), error.
+
+    Exit codes: 0 every matching command moved, 1 some did not (they stay parked) or
+    broker error, 2 bad option or configuration error.
+    """
     from datetime import UTC, datetime
 
     from worker.produce.parked import ParkedMessage, ParkedQueue, ReplayReport
@@ -472,6 +635,8 @@ def parked_replay(
     now = datetime.now(UTC)
 
     def said(m: ParkedMessage, ok: bool, reason: str | None) -> None:
+        if as_json:
+            return
         what = f"{m.command_id or '-'} ({m.error_code}, parked {_age(m.age(now))} ago)"
         typer.echo(f"replayed {what}" if ok else f"NOT replayed {what}: {reason}")
 
@@ -485,7 +650,9 @@ def parked_replay(
         report = _guard(replay)
     except KeyboardInterrupt:
         raise _fail(1, "interrupted; what was not moved is still parked") from None
-    if dry_run:
+    if as_json:
+        typer.echo(json.dumps(_replay_summary(report), indent=2, ensure_ascii=False))
+    elif dry_run:
         for m in report.selected:
             typer.echo(f"would replay {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
     verb = "would replay" if dry_run else "replayed"
@@ -500,9 +667,146 @@ def parked_replay(
     raise typer.Exit(0 if report.ok else 1)
 
 
-@topology_app.command("declare")
+@parked_app.command("discard", cls=Command)
+def parked_discard(
+    archive: Annotated[
+        Path | None,
+        typer.Option(
+            "--archive",
+            metavar="FILE",
+            help="JSON Lines file each message is appended to before it is removed (0600).",
+        ),
+    ] = None,
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: LimitOption = None,
+    rate: RateOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+    no_declare: NoDeclareOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Remove parked commands for good, each written to --archive before it is acked.
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PARKED_QUEUE (default pabx.parked).
+    The archive is appended to, one JSON object a line, bodies unmasked.
+
+    Exit codes: 0 every matching command discarded, 1 stopped early (the rest stay parked)
+    or broker error, 2 bad option, unwritable archive or configuration error.
+    """
+    from datetime import UTC, datetime
+
+    from worker.produce.archive import ArchiveWriter, open_archive
+    from worker.produce.parked import DiscardReport, ParkedMessage, ParkedQueue
+
+    where = _parked_filter(code, older_than, newer_than)
+    if archive is None and not dry_run:
+        raise _fail(2, "--archive: required (where removed messages are kept), or --dry-run")
+    settings = _settings(config)
+    out = None if dry_run else _open_archive(archive, open_archive)
+    now = datetime.now(UTC)
+
+    def said(m: ParkedMessage) -> None:
+        typer.echo(f"discarded {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
+
+    def discard() -> DiscardReport:
+        with _producer(settings, declare=not no_declare) as producer:
+            writer = None if out is None else ArchiveWriter(out)
+            return ParkedQueue(producer).discard(
+                writer, where=where, limit=limit, rate=rate, dry_run=dry_run, on_discarded=said
+            )
+
+    try:
+        report = _guard(discard)
+    except KeyboardInterrupt:
+        raise _fail(1, "interrupted; what was not archived is still parked") from None
+    finally:
+        if out is not None:
+            out.close()
+    for m in report.selected if dry_run else ():
+        typer.echo(f"would discard {m.command_id or '-'} ({m.error_code}, {_age(m.age(now))})")
+    verb = "would discard" if dry_run else "discarded"
+    gone = len(report.selected) if dry_run else len(report.discarded)
+    where_to = "" if archive is None or dry_run else f", archived in {archive}"
+    typer.echo(
+        f"{verb} {gone} of {len(report.selected)} matching ({report.scanned} looked at)"
+        f" from {settings.parked_queue}{where_to}",
+        err=True,
+    )
+    if report.error:
+        typer.echo(f"pabx-worker: discard stopped: {report.error}; nothing was lost", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _open_archive(path: Path | None, opener: Callable[..., Any], *, append: bool = True) -> Any:
+    if path is None:
+        return None
+    try:
+        return opener(path, append=append)
+    except OSError as exc:
+        raise _fail(2, f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@parked_app.command("export", cls=Command)
+def parked_export(
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", metavar="FILE", help="JSON Lines file; default stdout."),
+    ] = None,
+    code: CodeOption = None,
+    older_than: OlderOption = None,
+    newer_than: NewerOption = None,
+    limit: LimitOption = None,
+    no_declare: NoDeclareOption = False,
+    config: ConfigOption = None,
+) -> None:
+    """Write parked commands as JSON Lines, bodies unmasked, without consuming them.
+
+    Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PARKED_QUEUE (default pabx.parked).
+
+    Exit codes: 0 written, 1 broker error, 2 bad option, unwritable file or configuration
+    error.
+    """
+    from worker.produce.archive import ArchiveWriter, open_archive
+    from worker.produce.parked import ParkedQueue
+
+    where = _parked_filter(code, older_than, newer_than)
+    settings = _settings(config)
+    out = sys.stdout if output is None else _open_archive(output, open_archive, append=False)
+
+    def export() -> tuple[int, int]:
+        with _producer(settings, declare=not no_declare) as producer:
+            return ParkedQueue(producer).export(ArchiveWriter(out), where=where, limit=limit)
+
+    try:
+        depth, written = _guard(export)
+    finally:
+        if output is not None:
+            out.close()
+    typer.echo(f"exported {written} of {depth} parked in {settings.parked_queue}", err=True)
+
+
+def _replay_summary(report: Any) -> dict[str, Any]:
+    """What ``parked replay --json`` prints."""
+    return {
+        "dry_run": report.dry_run,
+        "scanned": report.scanned,
+        "selected": [m.command_id for m in report.selected],
+        "replayed": [m.command_id for m in report.replayed],
+        "failed": [{"command_id": m.command_id, "reason": why} for m, why in report.failed],
+        "error": report.error,
+    }
+
+
+@topology_app.command("declare", cls=Command)
 def topology_declare(config: ConfigOption = None) -> None:
-    """Declare every exchange and queue on the broker (idempotent)."""
+    """Declare every exchange and queue on the broker (idempotent).
+
+    Settings: PABX_WORKER_AMQP_URL (a user with configure permission) and the topology
+    names (PABX_WORKER_COMMANDS_EXCHANGE, PABX_WORKER_COMMAND_QUEUE …).
+
+    Exit codes: 0 declared, 1 broker error, 2 configuration error or a mismatching queue.
+    """
     from worker.produce.producer import Producer
 
     settings = _settings(config)
@@ -510,41 +814,59 @@ def topology_declare(config: ConfigOption = None) -> None:
     typer.echo("topology declared", err=True)
 
 
-@topology_app.command("export")
+@topology_app.command("export", cls=Command)
 def topology_export(
-    vhost: Annotated[str, typer.Option(help="Virtual host to name.")] = "/",
+    vhost: Annotated[str, typer.Option(metavar="VHOST", help="Virtual host to name.")] = "/",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The same JSON (the default), named for scripts.")
+    ] = True,
     config: ConfigOption = None,
 ) -> None:
-    """Print the topology as RabbitMQ definitions JSON."""
+    """Print the topology as RabbitMQ definitions JSON (rabbitmqctl import_definitions).
+
+    Settings: the topology names (PABX_WORKER_COMMANDS_EXCHANGE, PABX_WORKER_COMMAND_QUEUE
+    …); no broker is contacted.
+
+    Exit codes: 0 printed, 2 configuration error.
+    """
     from worker.contract.topology import Topology
 
     definitions = Topology.from_settings(_settings(config)).definitions(vhost)
     typer.echo(json.dumps(definitions, indent=2))
 
 
-SchemasDir = Annotated[Path, typer.Option("--dir", help="Where the schema files live.")]
+SchemasDir = Annotated[
+    Path, typer.Option("--dir", metavar="DIR", help="Where the schema files live.")
+]
 
 
-@schemas_app.command("export")
+@schemas_app.command("export", cls=Command)
 def schemas_export(directory: SchemasDir = Path("schemas")) -> None:
-    """Write schemas/*.json from the models."""
+    """Write schemas/*.json from the models.
+
+    Settings: none. Exit codes: 0 written, 1 cannot write.
+    """
     from worker.contract.schemas import export_schemas
 
     for path in export_schemas(directory):
         typer.echo(f"wrote {path}", err=True)
 
 
-@schemas_app.command("check")
+@schemas_app.command("check", cls=Command)
 def schemas_check(
     directory: Annotated[
         Path | None,
         typer.Option(
             "--dir",
+            metavar="DIR",
             help="Where the schema files live [default: ./schemas, else the installed copy]",
         ),
     ] = None,
 ) -> None:
-    """Fail (exit 1) when schemas/*.json differ from the models."""
+    """Fail (exit 1) when schemas/*.json differ from the models.
+
+    Settings: none. Exit codes: 0 up to date, 1 out of date.
+    """
     from worker.contract.schemas import check_schemas, default_directory
 
     directory = directory or default_directory()
@@ -556,4 +878,4 @@ def schemas_check(
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    app(prog_name=PROG_NAME)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 
 from worker.adapters.pabx import HttpPabx
 from worker.adapters.store import Store, open_store, redact_url
+from worker.adapters.systemd import Notifier
 from worker.consume.circuit import CircuitBreaker, CircuitState
 from worker.consume.consumer import Worker
 from worker.consume.leases import LeaseKeeper
@@ -143,11 +145,16 @@ def run_worker(settings: Settings) -> None:
     )
     _log_dependencies(settings, settings.require_targets())
     metrics = Metrics()
-    with build_processor(settings, metrics, check_store=True) as processor:
-        worker = Worker(settings, processor, metrics)
+    notifier = Notifier()  # systemd Type=notify: NOTIFY_SOCKET, WATCHDOG_USEC
+    with (
+        contextlib.closing(notifier),
+        build_processor(settings, metrics, check_store=True) as processor,
+    ):
+        worker = Worker(settings, processor, metrics, notifier=notifier)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
             log.info("stopping", extra={"signal": signal.Signals(signum).name})
+            notifier.stopping()
             worker.stop()
 
         signal.signal(signal.SIGTERM, on_signal)

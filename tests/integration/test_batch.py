@@ -180,6 +180,28 @@ def test_a_rejected_outcome_makes_the_exit_status_1(
     assert {r["error_code"] for r in results if r["status"] == "rejected"} == {"pabx_bad_request"}
 
 
+def test_json_summary_for_scripts(
+    settings: Settings, peer: Peer, worker: RunningWorker, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    set_faults(sim, fail_next=1, fail_status=400)
+    records = rows(3)
+    source = write_csv(tmp_path / "calls.csv", [*records, records[0], {"channel_id": "x"}])
+    done = run_batch(settings, str(source), "--wait", "60", "--skip-invalid", "--json")
+    assert done.returncode == 1, done.stderr
+    summary = json.loads(done.stdout)  # stdout holds the JSON alone
+    assert summary == {
+        "file": str(source),
+        "rows": 5,
+        "commands": 3,
+        "merged_rows": 1,
+        "invalid_rows": 1,
+        "published": 3,
+        "outcomes": {"accepted": 2, "rejected": 1},
+        "error": None,
+        "exit_code": 1,
+    }
+
+
 def test_without_wait_commands_are_queued_with_confirms(
     settings: Settings, peer: Peer, tmp_path: Path
 ) -> None:

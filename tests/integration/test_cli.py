@@ -115,6 +115,45 @@ def test_send_wait_prints_the_outcome(
     assert len(sim_requests(sim)) == 1
 
 
+def test_send_json_names_the_command_and_its_outcome(
+    settings: Settings, peer: Peer, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    from tests.kit.processes import RunningWorker
+
+    path = tmp_path / "cmd.json"
+
+    def send(cmd: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+        path.write_text(json.dumps(cmd))
+        return subprocess.run(
+            [*CLI, "send", str(path), "--json", *args],
+            env=env_for(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    queued = command()
+    done = send(queued)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "command_id": queued["command_id"],
+        "published": True,
+        "outcome": None,
+    }
+    [(_, body)] = peer.drain(settings.command_queue, 1)
+    assert json.loads(body) == queued
+    running = RunningWorker(settings)
+    try:
+        awaited = command()
+        done = send(awaited, "--wait", "20")
+    finally:
+        running.stop()
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert printed["command_id"] == awaited["command_id"] and printed["published"] is True
+    assert printed["outcome"]["data"]["status"] == "accepted"
+
+
 def test_send_rejects_an_invalid_command_before_publishing(settings: Settings, peer: Peer) -> None:
     bad = json.dumps(command(redirect={"PRIORIDADE": 30}))
     done = subprocess.run(

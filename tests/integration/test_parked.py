@@ -1,12 +1,14 @@
-"""``pabx-worker parked list|show|replay`` on the real broker."""
+"""``pabx-worker parked list|show|replay|discard|export`` on the real broker."""
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pika
@@ -228,6 +230,26 @@ def test_replay_filters_limit_and_dry_run_leave_the_rest_parked(
     assert sorted(ids_in(peer, settings.command_queue)) == ["r-0", "r-1", "r-2", "r-3", "r-5"]
 
 
+def test_replay_json_reports_what_moved(settings: Settings, peer: Peer) -> None:
+    for i in range(3):
+        park(peer, command(command_id=f"j-{i}"), code="pabx_unreachable" if i else "pabx_error")
+    dry = parked_cli(settings, "replay", "--dry-run", "--json", "--code", "pabx_unreachable")
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(dry.stdout) == {
+        "dry_run": True,
+        "scanned": 3,
+        "selected": ["j-1", "j-2"],
+        "replayed": [],
+        "failed": [],
+        "error": None,
+    }
+    done = parked_cli(settings, "replay", "--json", "--limit", "1")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)  # stdout holds the JSON alone
+    assert report["selected"] == report["replayed"] == ["j-0"] and report["dry_run"] is False
+    assert [m["command_id"] for m in listed(settings)] == ["j-1", "j-2"]
+
+
 def test_replay_after_fixing_the_key_gets_the_commands_accepted(
     settings: Settings, peer: Peer, sim: SimulatorThread
 ) -> None:
@@ -284,12 +306,139 @@ def test_replay_killed_midway_loses_nothing(settings: Settings, peer: Peer) -> N
     assert len(moved) >= 3
 
 
+def archived(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_discard_archives_each_message_before_removing_it(
+    settings: Settings, peer: Peer, tmp_path: Path
+) -> None:
+    cmds = [command(command_id=f"d-{i}") for i in range(4)]
+    for i, cmd in enumerate(cmds):
+        park(peer, cmd, code="pabx_unreachable" if i % 2 == 0 else "pabx_forbidden")
+    archive = tmp_path / "discarded.jsonl"
+    missing = parked_cli(settings, "discard", "--code", "pabx_forbidden")
+    assert missing.returncode == 2 and "--archive" in missing.stderr
+    dry = parked_cli(settings, "discard", "--dry-run", "--code", "pabx_forbidden")
+    assert dry.returncode == 0 and "would discard 2 of 2 matching" in dry.stderr
+    assert len(listed(settings)) == 4 and not archive.exists()
+
+    done = parked_cli(settings, "discard", "--code", "pabx_forbidden", "--archive", str(archive))
+    assert done.returncode == 0, done.stderr
+    assert "discarded 2 of 2 matching" in done.stderr
+    assert [m["command_id"] for m in listed(settings)] == ["d-0", "d-2"]
+    lines = archived(archive)
+    assert [line["command_id"] for line in lines] == ["d-1", "d-3"]
+    assert json.loads(lines[0]["body"]) == cmds[1]  # unmasked: it can be published again
+    assert lines[0]["error_code"] == "pabx_forbidden"
+    assert lines[0]["headers"]["x-pabx-attempts"] == 3
+    assert archive.stat().st_mode & 0o777 == 0o600
+
+    again = parked_cli(settings, "discard", "--limit", "1", "--archive", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert [line["command_id"] for line in archived(archive)] == ["d-1", "d-3", "d-0"]  # appended
+    assert [m["command_id"] for m in listed(settings)] == ["d-2"]
+
+
+def test_discard_killed_midway_loses_nothing(
+    settings: Settings, peer: Peer, tmp_path: Path
+) -> None:
+    cmds = [command(command_id=f"k-{i:02d}") for i in range(30)]
+    for cmd in cmds:
+        park(peer, cmd)
+    archive = tmp_path / "discarded.jsonl"
+    proc = subprocess.Popen(
+        [*CLI, "parked", "discard", "--rate", "5", "--archive", str(archive)],
+        env=env_for(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(archived(archive)) < 3 and time.monotonic() < deadline:
+            peer.connection.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    kept = {line["command_id"] for line in archived(archive)}
+    assert len(kept) >= 3
+    deadline = time.monotonic() + 20
+    # the broker requeues what the dead process held: all but (at most) the archived ones
+    while peer.queue_length(settings.parked_queue) < 30 - len(kept):
+        assert time.monotonic() < deadline
+        peer.connection.sleep(0.05)
+    still_parked = set(ids_in(peer, settings.parked_queue))
+    every = {c["command_id"] for c in cmds}
+    assert still_parked | kept == every  # nothing lost
+    assert every - still_parked <= kept  # nothing removed that was not archived first
+
+
+def test_export_writes_the_queue_without_consuming_it(
+    settings: Settings, peer: Peer, tmp_path: Path
+) -> None:
+    cmds = [command(command_id=f"e-{i}") for i in range(3)]
+    for cmd in cmds:
+        park(peer, cmd)
+    latin = '{"command_id": "não-utf8"}'.encode("latin-1")
+    park(peer, latin, code="invalid_command", content_encoding="latin-1")
+    out = tmp_path / "parked.jsonl"
+    done = parked_cli(settings, "export", "--output", str(out))
+    assert done.returncode == 0, done.stderr
+    assert "exported 4 of 4 parked" in done.stderr
+    lines = archived(out)
+    assert [json.loads(line["body"]) for line in lines[:3]] == cmds
+    assert base64.b64decode(lines[3]["body_base64"]) == latin and "body" not in lines[3]
+    assert lines[3]["properties"]["content_encoding"] == "latin-1"
+    to_stdout = parked_cli(settings, "export", "--code", "invalid_command")
+    assert to_stdout.returncode == 0, to_stdout.stderr
+    assert [json.loads(line)["error_code"] for line in to_stdout.stdout.splitlines()] == [
+        "invalid_command"
+    ]
+    assert [m["command_id"] for m in listed(settings)][:3] == ["e-0", "e-1", "e-2"]
+    assert peer.queue_length(settings.parked_queue) == 4
+
+
+def test_export_killed_midway_leaves_the_queue_as_it_was(settings: Settings, peer: Peer) -> None:
+    cmds = [command(command_id=f"x-{i:02d}") for i in range(30)]
+    for cmd in cmds:  # 30 x 8 kB: more than a pipe holds, so the export blocks midway
+        park(peer, {**cmd, "padding": "x" * 8000})
+    proc = subprocess.Popen(
+        [*CLI, "parked", "export"],
+        env=env_for(settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())  # it is writing, and holds what it read
+        assert first["command_id"] == "x-00"
+        deadline = time.monotonic() + 30
+        while peer.queue_length(settings.parked_queue) == 30 and time.monotonic() < deadline:
+            peer.connection.sleep(0.02)
+        assert peer.queue_length(settings.parked_queue) < 30
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    deadline = time.monotonic() + 20
+    while peer.queue_length(settings.parked_queue) < 30:
+        assert time.monotonic() < deadline
+        peer.connection.sleep(0.05)
+    assert [m["command_id"] for m in listed(settings)] == [c["command_id"] for c in cmds]
+
+
 def test_bad_options_are_usage_errors(settings: Settings, peer: Peer) -> None:
     for args in (
         ["list", "--older-than", "yesterday"],
         ["replay", "--newer-than", "-5"],
         ["replay", "--rate", "0"],
         ["replay", "--limit", "0"],
+        ["discard", "--archive", "/nonexistent/dir/a.jsonl"],
+        ["discard", "--dry-run", "--older-than", "soon"],
+        ["export", "--limit", "0"],
     ):
         done = parked_cli(settings, *args)
         assert done.returncode == 2, (args, done.stderr)

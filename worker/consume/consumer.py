@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from worker.adapters.broker import broker_errors, connect, where
 from worker.adapters.channel import AmqpConnection, Connect, InboundMessage
 from worker.adapters.confirms import ConfirmingPublisher
+from worker.adapters.systemd import Notifier
 from worker.consume.circuit import CircuitState
 from worker.consume.dispatch import KeyedExecutor
 from worker.consume.fate import fate_of
@@ -88,8 +89,11 @@ class Worker:
         metrics: Metrics | None = None,
         *,
         connect: Connect | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self._settings = settings
+        #: systemd readiness and watchdog (``pabx-worker run``); silent by default.
+        self.notifier = notifier or Notifier(environ={})
         self._connect = connect or self._connect_to_broker
         self._processor = processor
         self._topology = Topology.from_settings(settings)
@@ -131,6 +135,8 @@ class Worker:
                     wait = 0.5
                 except BrokerError as exc:
                     log.warning("broker connection lost; reconnecting", extra={"error": str(exc)})
+                    self.notifier.status("reconnecting to the broker")
+                    self.notifier.watchdog()  # alive: retrying, within MAX_RECONNECT_WAIT_S
                     self._stop.wait(wait)
                     wait = min(wait * 2, MAX_RECONNECT_WAIT_S)
         finally:
@@ -217,6 +223,7 @@ class _Session:
         stop_by: float | None = None
         last_beat = 0.0
         while True:
+            worker.notifier.watchdog()  # this loop turning is what "alive" means
             self._carry_out_finished()
             if worker._stop.is_set() and stop_by is None:
                 stop_by = time.monotonic() + self.settings.shutdown_timeout_s
@@ -251,6 +258,7 @@ class _Session:
             if self.consumer_tag is not None:
                 what = "the store does not answer" if store_down else "every PABX keeps failing"
                 log.warning("%s: consumption paused", what)
+                self.worker.notifier.status(f"paused: {what}")
                 self._cancel()
             return
         probing = CircuitState.CLOSED not in states.values()
@@ -270,6 +278,7 @@ class _Session:
             )
             self.worker.state.consuming = True
             self.worker.ready.set()
+            self.worker.notifier.ready(f"consuming {self.settings.command_queue}")
             log.info(
                 "consuming",
                 extra={

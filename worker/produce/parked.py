@@ -21,6 +21,12 @@ publication is confirmed. A crash at any point loses nothing: what was not yet
 acknowledged goes back to the parked queue when the connection drops. A message
 caught between the confirm and the ack is in both queues; the worker's idempotency
 store makes the second copy a duplicate.
+
+**Discard** reads the same way and removes each matching message for good, but first
+writes it to a JSON Lines archive (:mod:`worker.produce.archive`) and syncs that file; only
+then is the message acknowledged. A crash loses nothing either: a message is gone from the
+queue only once it is on disk; one caught between the write and the ack is in the archive
+and still parked (a second run archives it again). **Export** writes what a browse reads.
 """
 
 from __future__ import annotations
@@ -35,10 +41,13 @@ from typing import Any
 
 from worker.adapters.broker import broker_errors
 from worker.contract import headers as hdr
+from worker.contract.errors import BrokerError
 from worker.contract.messages import Delivery, readable_command_id, replay_generation
+from worker.produce.archive import ArchiveWriter, archive_record
 from worker.produce.producer import Outgoing, Producer, raw_body
 
 __all__ = [
+    "DiscardReport",
     "ParkedFilter",
     "ParkedMessage",
     "ParkedQueue",
@@ -244,6 +253,24 @@ class ReplayReport:
 OnReplayed = Callable[[ParkedMessage, bool, str | None], None]
 
 
+@dataclass
+class DiscardReport:
+    """What a discard did."""
+
+    dry_run: bool
+    scanned: int = 0
+    selected: list[ParkedMessage] = field(default_factory=list)
+    #: Archived, then acknowledged: gone from the queue.
+    discarded: list[ParkedMessage] = field(default_factory=list)
+    #: Why the discard stopped early (connection lost), else None.
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        done = self.dry_run or len(self.discarded) == len(self.selected)
+        return self.error is None and done
+
+
 class ParkedQueue:
     """The parked queue of a topology, read through a :class:`~worker.produce.producer.Producer`."""
 
@@ -311,6 +338,69 @@ class ParkedQueue:
         finally:
             _close(channel)  # whatever was not acked goes back to the parked queue
         return report
+
+    def discard(
+        self,
+        archive: ArchiveWriter | None,
+        *,
+        where: ParkedFilter | None = None,
+        limit: int | None = None,
+        rate: float | None = None,
+        dry_run: bool = False,
+        on_discarded: Callable[[ParkedMessage], None] | None = None,
+    ) -> DiscardReport:
+        """Archive, then ack, each matching message (``archive`` may be None for a dry run)."""
+        report = DiscardReport(dry_run=dry_run)
+        where = where or ParkedFilter()
+        now = datetime.now(UTC)
+        channel = self._channel()
+        try:
+            for message in self._read(channel, self._depth(channel)):  # all: see _read
+                report.scanned += 1
+                if not where.matches(message, now):
+                    continue
+                if limit is not None and len(report.selected) >= limit:
+                    continue
+                report.selected.append(message)
+                if dry_run or archive is None:
+                    continue
+                if rate is not None and report.discarded:
+                    self._producer.idle(1 / rate)
+                archive.write(archive_record(message, datetime.now(UTC)))
+                archive.sync()  # on disk before the ack, never after
+                with broker_errors():
+                    channel.basic_ack(message.delivery_tag)
+                report.discarded.append(message)
+                if on_discarded is not None:
+                    on_discarded(message)
+        except BrokerError as exc:
+            report.error = str(exc)
+        finally:
+            _close(channel)  # whatever was not acked goes back to the parked queue
+        return report
+
+    def export(
+        self, out: ArchiveWriter, *, where: ParkedFilter | None = None, limit: int | None = None
+    ) -> tuple[int, int]:
+        """Write matching messages as JSON Lines without consuming them: ``(depth, written)``.
+
+        Each line is written as its message is read, while the browse still holds them all:
+        a crash midway returns every message to the queue, in order, like a finished browse.
+        """
+        where = where or ParkedFilter()
+        now = datetime.now(UTC)
+        written = 0
+        channel = self._channel()
+        try:
+            depth = self._depth(channel)
+            for message in self._read(channel, depth):  # all of them: see _read
+                if where.matches(message, now) and (limit is None or written < limit):
+                    out.write(archive_record(message, now))
+                    written += 1
+            out.sync()
+        finally:
+            _close(channel)
+        return depth, written
 
     def _select(
         self, channel: Any, where: ParkedFilter, limit: int | None, report: ReplayReport

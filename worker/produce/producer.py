@@ -262,6 +262,10 @@ class Producer:
             if not done() and run.settled == settled:
                 raise BrokerError(f"no publisher confirm from the broker within {timeout:g} s")
 
+    def idle(self, seconds: float) -> None:
+        """Wait ``seconds`` while serving the connection (heartbeats, returns, confirms)."""
+        self._drain_for(seconds)
+
     def _drain_for(self, seconds: float) -> None:
         if seconds > 0:
             self._drain_until(lambda: False, seconds)
