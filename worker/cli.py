@@ -53,6 +53,36 @@ NoDeclareOption = Annotated[
 T = TypeVar("T")
 
 
+TraceOption = Annotated[
+    bool,
+    typer.Option(
+        "--trace",
+        help="Start a trace per command (W3C traceparent in its AMQP headers); spans go to"
+        " the OTLP exporter when OTEL_* variables are set. Needs pabx-worker[otel].",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _tracing(trace: bool) -> Any:
+    """``--trace``: OpenTelemetry for this command, shut down (spans flushed) at the end."""
+    from worker.tracing import NO_TRACING, tracing_from_env
+
+    if not trace:
+        yield NO_TRACING
+        return
+    from worker.logs import SERVICE, package_version
+
+    try:
+        tracing = tracing_from_env(service=SERVICE, version=package_version(), force=True)
+    except ImportError:
+        raise _fail(2, "--trace: OpenTelemetry is not installed (pabx-worker[otel])") from None
+    try:
+        yield tracing
+    finally:
+        tracing.shutdown()
+
+
 def _fail(code: int, message: str) -> typer.Exit:
     """Print ``message`` as one line on stderr; the exit to raise with ``code``."""
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
@@ -142,6 +172,7 @@ def send(
     wait: Annotated[float, typer.Option(help="Seconds to wait for the outcome; 0: don't.")] = 0,
     validate: Annotated[bool, typer.Option(help="Validate before publishing.")] = True,
     no_declare: NoDeclareOption = False,
+    trace: TraceOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish one command with publisher confirms; --wait prints its outcome."""
@@ -169,7 +200,10 @@ def send(
     settings = _settings(config)
 
     def publish() -> dict[str, Any] | None:
-        with Producer(settings, declare=not no_declare) as producer:
+        with (
+            _tracing(trace) as tracing,
+            Producer(settings, declare=not no_declare, tracing=tracing) as producer,
+        ):
             producer.publish([(body, message_id)], reply=wait > 0)
             if wait <= 0:
                 return None
@@ -196,6 +230,7 @@ def batch(
         bool, typer.Option("--skip-invalid", help="Publish the valid rows, report the others.")
     ] = False,
     no_declare: NoDeclareOption = False,
+    trace: TraceOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish many commands from a CSV or JSON Lines file, with publisher confirms."""
@@ -220,7 +255,7 @@ def batch(
         raise _fail(2, f"{file}: no valid command to publish")
     out = _open_for_writing(results, "--results")
     try:
-        code = _run_batch(settings, file, loaded, wait, out, declare=not no_declare)
+        code = _run_batch(settings, file, loaded, wait, out, declare=not no_declare, trace=trace)
     finally:
         if out is not None:
             out.close()
@@ -237,7 +272,14 @@ def _open_for_writing(path: Path | None, option: str) -> Any:
 
 
 def _run_batch(
-    settings: Settings, file: Path, loaded: Any, wait: float, out: Any, *, declare: bool = True
+    settings: Settings,
+    file: Path,
+    loaded: Any,
+    wait: float,
+    out: Any,
+    *,
+    declare: bool = True,
+    trace: bool = False,
 ) -> int:
     from worker.produce.batch import (
         NOT_PUBLISHED,
@@ -250,7 +292,10 @@ def _run_batch(
     from worker.produce.producer import Producer
 
     def publish() -> BatchRun:
-        with Producer(settings, declare=declare) as producer:
+        with (
+            _tracing(trace) as tracing,
+            Producer(settings, declare=declare, tracing=tracing) as producer,
+        ):
             return run_batch(producer, loaded.commands, wait=wait, progress=make_progress())
 
     try:

@@ -26,6 +26,7 @@ from pydantic import (
 __all__ = [
     "COMMAND_ID_PATTERN",
     "MAX_COMMAND_BYTES",
+    "TRACEPARENT_PATTERN",
     "AmqpRef",
     "ErrorCode",
     "ErrorInfo",
@@ -237,6 +238,23 @@ class OutcomeData(BaseModel):
     amqp: AmqpRef | None = None
 
 
+#: W3C ``traceparent``: version, trace id, parent span id, flags.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
+def _outcome_schema(schema: dict[str, Any]) -> None:
+    """``traceparent`` is an extension attribute: absent without tracing, never null."""
+    schema["$id"] = "https://pabx-worker/schemas/redirect-outcome.v1.json"
+    if "traceparent" in schema.get("required", ()):
+        schema["required"].remove("traceparent")
+    schema["properties"]["traceparent"] = {
+        "type": "string",
+        "pattern": TRACEPARENT_PATTERN,
+        "description": "W3C trace context of the command's span (CloudEvents distributed"
+        " tracing extension); present only when tracing is on.",
+    }
+
+
 class OutcomeEvent(BaseModel):
     """A CloudEvents 1.0 event in structured mode reporting one command's outcome."""
 
@@ -245,7 +263,7 @@ class OutcomeEvent(BaseModel):
         frozen=True,
         json_schema_serialization_defaults_required=True,
         title="RedirectOutcome",
-        json_schema_extra={"$id": "https://pabx-worker/schemas/redirect-outcome.v1.json"},
+        json_schema_extra=_outcome_schema,
     )
 
     specversion: Literal["1.0"] = "1.0"
@@ -261,3 +279,6 @@ class OutcomeEvent(BaseModel):
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: OutcomeData
+    #: CloudEvents distributed-tracing extension: the W3C trace context of the command's
+    #: span, present only when tracing is on.
+    traceparent: Annotated[str, Field(pattern=TRACEPARENT_PATTERN)] | None = None

@@ -21,6 +21,8 @@ __all__ = ["CONTENT_TYPE", "as_duplicate", "build_event", "encode", "routing_key
 
 #: AMQP content type of outcome events.
 CONTENT_TYPE = "application/cloudevents+json"
+#: Left out of an event without trace context (an absent extension attribute, not null).
+_UNTRACED = {"traceparent"}
 #: CloudEvents ``source`` attribute.
 SOURCE = "pabx-worker"
 
@@ -35,6 +37,7 @@ def build_event(
     pabx: PabxInfo | None = None,
     error: ErrorInfo | None = None,
     delivery: Delivery | None = None,
+    traceparent: str | None = None,
 ) -> OutcomeEvent:
     """The outcome event of one command; ``delivery`` is quoted when no id could be read."""
     amqp = None
@@ -64,12 +67,13 @@ def build_event(
         subject=command_id,
         time=datetime.now(UTC),
         data=data,
+        traceparent=traceparent,
     )
 
 
 def encode(event: OutcomeEvent) -> bytes:
-    """The wire form of an event."""
-    return event.model_dump_json().encode()
+    """The wire form of an event; ``traceparent`` only when the command was traced."""
+    return event.model_dump_json(exclude=_UNTRACED if event.traceparent is None else None).encode()
 
 
 def as_duplicate(stored: bytes) -> bytes:
