@@ -245,3 +245,16 @@ def test_spans_are_exported_over_otlp_http(
     attributes = {a.key: a.value.string_value for a in resource.attributes}
     assert attributes["service.name"] == "pabx-worker"
     assert attributes["service.version"] == "9.9"
+
+
+def test_the_command_log_line_carries_its_span_ids(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    tracing, exporter = traced()
+    with caplog.at_level(logging.INFO, logger="pabx_worker.consumer"):
+        run_one("memory", request, tracing, {"traceparent": PARENT})
+    tracing.shutdown()
+    worker = span_named(exporter.get_finished_spans(), "pabx.commands process")
+    (line,) = (r for r in caplog.records if r.getMessage() == "command accepted")
+    assert vars(line)["trace_id"] == TRACE_ID
+    assert vars(line)["span_id"] == f"{worker.context.span_id:016x}"

@@ -30,6 +30,8 @@ __all__ = [
     "OtelTracing",
     "Span",
     "Tracing",
+    "log_ids",
+    "trace_carrier",
     "tracing_from_env",
     "wants_tracing",
 ]
@@ -119,6 +121,15 @@ def tracing_from_env(
     env = os.environ if environ is None else environ
     exporter = None if force and not wants_tracing(env) else OTLPSpanExporter()
     return OtelTracing.with_exporter(exporter, service=service, version=version)
+
+
+def log_ids(carrier: Mapping[str, str]) -> dict[str, str]:
+    """``trace_id``/``span_id`` of a ``traceparent`` in ``carrier``, for a log line made
+    outside the span (the consumer's line about a finished command); empty without one."""
+    parts = carrier.get(TRACEPARENT, "").split("-")
+    if len(parts) != 4:
+        return {}
+    return {"trace_id": parts[1], "span_id": parts[2]}
 
 
 def trace_carrier(headers: Mapping[str, Any]) -> dict[str, str]:

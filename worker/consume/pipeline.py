@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
@@ -121,6 +121,8 @@ class Retry:
     delay_s: float
     attempts: int
     command_id: str | None
+    #: W3C trace context of the command's span, for its log line.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -359,6 +361,8 @@ class Processor:
             decision = self._decide(prepared)
             if span.recording:
                 _describe_span(span, prepared, decision)
+                if isinstance(decision, Retry):
+                    decision = replace(decision, trace=self._tracing.current())
         return decision
 
     def _decide(self, prepared: Prepared) -> Decision:
