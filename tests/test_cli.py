@@ -187,6 +187,7 @@ FLAGS = {
     "--install-completion",
     "--show-completion",
     "--version",
+    "--trace",
 }
 
 

@@ -110,6 +110,36 @@ JsonOption = Annotated[bool, typer.Option("--json", help="One JSON object on std
 T = TypeVar("T")
 
 
+TraceOption = Annotated[
+    bool,
+    typer.Option(
+        "--trace",
+        help="Start a trace per command (W3C traceparent in its AMQP headers); spans go to"
+        " the OTLP exporter when OTEL_* variables are set. Needs pabx-worker[otel].",
+    ),
+]
+
+
+@contextlib.contextmanager
+def _tracing(trace: bool) -> Any:
+    """``--trace``: OpenTelemetry for this command, shut down (spans flushed) at the end."""
+    from worker.tracing import NO_TRACING, tracing_from_env
+
+    if not trace:
+        yield NO_TRACING
+        return
+    from worker.logs import SERVICE, package_version
+
+    try:
+        tracing = tracing_from_env(service=SERVICE, version=package_version(), force=True)
+    except ImportError:
+        raise _fail(2, "--trace: OpenTelemetry is not installed (pabx-worker[otel])") from None
+    try:
+        yield tracing
+    finally:
+        tracing.shutdown()
+
+
 def _fail(code: int, message: str) -> typer.Exit:
     """Print ``message`` as one line on stderr; the exit to raise with ``code``."""
     one_line = " ".join(part.strip() for part in message.splitlines() if part.strip())
@@ -230,6 +260,7 @@ def send(
     validate: Annotated[bool, typer.Option(help="Validate before publishing.")] = True,
     no_declare: NoDeclareOption = False,
     as_json: JsonOption = False,
+    trace: TraceOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish one command with publisher confirms; --wait prints its outcome.
@@ -264,7 +295,10 @@ def send(
     settings = _settings(config)
 
     def publish() -> dict[str, Any] | None:
-        with Producer(settings, declare=not no_declare) as producer:
+        with (
+            _tracing(trace) as tracing,
+            Producer(settings, declare=not no_declare, tracing=tracing) as producer,
+        ):
             producer.publish([(body, message_id)], reply=wait > 0)
             if wait <= 0:
                 return None
@@ -305,6 +339,7 @@ def batch(
     ] = False,
     no_declare: NoDeclareOption = False,
     as_json: JsonOption = False,
+    trace: TraceOption = False,
     config: ConfigOption = None,
 ) -> None:
     """Publish many commands from a CSV or JSON Lines file, with publisher confirms.
@@ -338,7 +373,14 @@ def batch(
     out = _open_for_writing(results, "--results")
     try:
         code = _run_batch(
-            settings, file, loaded, wait, out, declare=not no_declare, as_json=as_json
+            settings,
+            file,
+            loaded,
+            wait,
+            out,
+            declare=not no_declare,
+            as_json=as_json,
+            trace=trace,
         )
     finally:
         if out is not None:
@@ -364,6 +406,7 @@ def _run_batch(
     *,
     declare: bool = True,
     as_json: bool = False,
+    trace: bool = False,
 ) -> int:
     from worker.produce.batch import (
         NOT_PUBLISHED,
@@ -376,7 +419,10 @@ def _run_batch(
     from worker.produce.producer import Producer
 
     def publish() -> BatchRun:
-        with Producer(settings, declare=declare) as producer:
+        with (
+            _tracing(trace) as tracing,
+            Producer(settings, declare=declare, tracing=tracing) as producer,
+        ):
             return run_batch(producer, loaded.commands, wait=wait, progress=make_progress())
 
     try:

@@ -15,6 +15,11 @@ an ordinary value, so a short secret (``k``, ``4567``) cannot maul ``cmd-45678``
 
 A secret inside free text with none of those markers (``f"key was {key}"``) is not found: the
 exceptions we raise never carry one.
+
+Every line also carries the service and its version and, while tracing is on, the current
+span's ids, named after OpenTelemetry's semantic conventions: ``service.name``,
+``service.version`` (resource attributes) and ``trace_id``, ``span_id`` (trace context in
+non-OTLP log formats), so a log line and its span join on the same keys.
 """
 
 from __future__ import annotations
@@ -23,21 +28,30 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
+from importlib import metadata
 from typing import Any, TextIO
 
 __all__ = [
     "MASK",
     "SECRET_FIELDS",
+    "SERVICE",
+    "ContextFilter",
     "JsonFormatter",
     "RedactingFilter",
     "TextFormatter",
     "configure_logging",
     "is_secret_field",
+    "package_version",
     "redact_message",
     "redact_text",
 ]
+
+#: The ``service.name`` of logs and spans.
+SERVICE = "pabx-worker"
+#: Log fields naming the service (OpenTelemetry resource attributes).
+SERVICE_NAME, SERVICE_VERSION = "service.name", "service.version"
 
 #: What a redacted value becomes.
 MASK = "***"
@@ -190,6 +204,38 @@ class RedactingFilter(logging.Filter):
         return redact_text(message)
 
 
+def package_version() -> str:
+    """The installed version of the package (``0+unknown`` when run from a bare tree)."""
+    try:
+        return metadata.version("pabx-worker")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ContextFilter(logging.Filter):
+    """Adds ``service.name``, ``service.version`` and, from ``trace_ids``, ``trace_id`` and
+    ``span_id`` of the current span to every record."""
+
+    def __init__(
+        self,
+        *,
+        service: str,
+        version: str,
+        trace_ids: Callable[[], Mapping[str, str]] | None = None,
+    ) -> None:
+        super().__init__()
+        self._fields = {SERVICE_NAME: service, SERVICE_VERSION: version}
+        self._trace_ids = trace_ids
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in self._fields.items():
+            setattr(record, key, value)
+        if self._trace_ids is not None:
+            for key, value in self._trace_ids().items():
+                setattr(record, key, value)
+        return True
+
+
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
@@ -237,12 +283,22 @@ def _text_value(value: Any) -> str:
 
 
 def configure_logging(
-    *, fmt: str, level: str, secrets: Iterable[str] = (), stream: TextIO | None = None
+    *,
+    fmt: str,
+    level: str,
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+    version: str | None = None,
+    trace_ids: Callable[[], Mapping[str, str]] | None = None,
 ) -> None:
     """Send logs to ``stream`` (stderr) in the chosen format; ``secrets`` are masked as whole
-    field values, never as substrings of other text."""
+    field values, never as substrings of other text. ``trace_ids`` (tracing on) gives the
+    current span's ``trace_id``/``span_id``."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(
+        ContextFilter(service=SERVICE, version=version or package_version(), trace_ids=trace_ids)
+    )
     handler.addFilter(RedactingFilter(secrets))
     root = logging.getLogger()
     root.handlers[:] = [handler]

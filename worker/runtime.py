@@ -21,7 +21,8 @@ from worker.consume.observability import HealthServer, MeteredPabx, Metrics
 from worker.consume.pipeline import PabxClient, Policy, Processor
 from worker.contract.errors import ConfigurationError, StoreError
 from worker.contract.settings import PabxTarget, Settings
-from worker.logs import configure_logging, redact_text
+from worker.logs import SERVICE, configure_logging, package_version, redact_text
+from worker.tracing import NO_TRACING, Tracing, tracing_from_env
 
 __all__ = ["build_processor", "run_worker", "secrets_of", "store_label"]
 
@@ -90,7 +91,11 @@ def _first_ping(store: Store, processor: Processor, label: str) -> None:
 
 @contextmanager
 def build_processor(
-    settings: Settings, metrics: Metrics | None = None, *, check_store: bool = False
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    check_store: bool = False,
+    tracing: Tracing = NO_TRACING,
 ) -> Iterator[Processor]:
     """A Processor with its PABX client, store and lease keeper, closed on exit.
 
@@ -106,6 +111,7 @@ def build_processor(
         read_timeout_s=settings.pabx_read_timeout_s,
         idle_timeout_s=settings.pabx_idle_timeout_s,
         targets=targets,
+        tracing=tracing,
     )
     try:
         store = open_store(settings.store_url)
@@ -128,6 +134,7 @@ def build_processor(
                 for name in targets
             },
             leases=leases,
+            tracing=tracing,
         )
         if check_store:
             _first_ping(store, processor, store_label(settings.store_url))
@@ -140,15 +147,38 @@ def build_processor(
 
 def run_worker(settings: Settings) -> None:
     """``pabx-worker run``: consume until SIGTERM or SIGINT."""
+    tracing = _tracing()
     configure_logging(
-        fmt=settings.log_format, level=settings.log_level, secrets=secrets_of(settings)
+        fmt=settings.log_format,
+        level=settings.log_level,
+        secrets=secrets_of(settings),
+        trace_ids=tracing.log_ids if tracing.enabled else None,
     )
     _log_dependencies(settings, settings.require_targets())
     metrics = Metrics()
+    try:
+        _run(settings, metrics, tracing)
+    finally:
+        tracing.shutdown()
+    log.info("stopped")
+
+
+def _tracing() -> Tracing:
+    """OpenTelemetry when an ``OTEL_*`` variable is set; it needs the ``otel`` extra."""
+    try:
+        return tracing_from_env(service=SERVICE, version=package_version())
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"OTEL_* variables are set but OpenTelemetry is not installed ({exc.name}):"
+            " install pabx-worker[otel], or unset them"
+        ) from None
+
+
+def _run(settings: Settings, metrics: Metrics, tracing: Tracing) -> None:
     notifier = Notifier()  # systemd Type=notify: NOTIFY_SOCKET, WATCHDOG_USEC
     with (
         contextlib.closing(notifier),
-        build_processor(settings, metrics, check_store=True) as processor,
+        build_processor(settings, metrics, check_store=True, tracing=tracing) as processor,
     ):
         worker = Worker(settings, processor, metrics, notifier=notifier)
 
@@ -167,7 +197,6 @@ def run_worker(settings: Settings) -> None:
             watch.stop()
             if server is not None:
                 server.stop()
-    log.info("stopped")
 
 
 class _StoreWatch:

@@ -25,6 +25,7 @@ from worker.consume.consumer import Worker
 from worker.contract.settings import ENV_PREFIX, Settings
 from worker.runtime import build_processor
 from worker.tools.simulator import SimulatorThread
+from worker.tracing import NO_TRACING, Tracing
 
 __all__ = [
     "CLI",
@@ -148,8 +149,10 @@ def set_faults(sim: SimulatorThread, **faults: Any) -> None:
 class RunningWorker:
     """A worker consuming in a thread of the test process (ready when constructed)."""
 
-    def __init__(self, settings: Settings, connect: Connect | None = None) -> None:
-        self._processor_cm = build_processor(settings)
+    def __init__(
+        self, settings: Settings, connect: Connect | None = None, tracing: Tracing = NO_TRACING
+    ) -> None:
+        self._processor_cm = build_processor(settings, tracing=tracing)
         self.processor = self._processor_cm.__enter__()
         self.worker = Worker(settings, self.processor, connect=connect)
         self.error: BaseException | None = None

@@ -86,6 +86,7 @@ from worker.contract.errors import (
     error_for_status,
 )
 from worker.contract.settings import PabxTarget
+from worker.tracing import NO_TRACING, Tracing
 
 __all__ = ["OPERATION", "HttpPabx"]
 
@@ -498,8 +499,11 @@ class HttpPabx:
         read_timeout_s: float,
         idle_timeout_s: float = 4.0,
         targets: Mapping[str, PabxTarget] | None = None,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
-        """``targets``: check and prepare each one's TLS now (ConfigurationError naming it)."""
+        """``targets``: check and prepare each one's TLS now (ConfigurationError naming it);
+        ``tracing``: a child span per request, its ``traceparent`` sent to the PABX."""
+        self._tracing = tracing
         self._bound_s = connect_timeout_s + read_timeout_s
         self._too_long = f"PABX answer took longer than {self._bound_s:g} s"
         self._routes: dict[tuple[Any, ...], _Route] = {}
@@ -524,6 +528,25 @@ class HttpPabx:
         )
 
     def redirect(self, target: PabxTarget, channel_id: int, body: Mapping[str, str]) -> int:
+        with self._tracing.request_span(target.name) as (span, trace_headers):
+            try:
+                status = self._redirect(target, channel_id, body, trace_headers)
+            except PabxError as exc:
+                if span.recording:
+                    span.set({"http.response.status_code": exc.status_code})
+                    span.fail(exc.code.value)
+                raise
+            if span.recording:
+                span.set({"http.response.status_code": status})
+            return status
+
+    def _redirect(
+        self,
+        target: PabxTarget,
+        channel_id: int,
+        body: Mapping[str, str],
+        trace_headers: Mapping[str, str],
+    ) -> int:
         route = self._route(target)
         pool = self._pool.connection_from_host(
             route.host, route.port, route.scheme, pool_kwargs=route.pool_kwargs
@@ -532,6 +555,7 @@ class HttpPabx:
         headers = {
             "x-api-key": target.api_key.get_secret_value(),
             "Content-Type": "application/json",
+            **trace_headers,
         }
         payload = json.dumps(body, ensure_ascii=False).encode()
         watch = self._reaper.watch(self._bound_s)

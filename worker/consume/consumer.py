@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from worker.adapters.broker import broker_errors, connect, where
@@ -30,6 +31,7 @@ from worker.consume.pipeline import Decision, Finish, Prepared, Processor, Reque
 from worker.contract.errors import BrokerError, StoreError
 from worker.contract.settings import Settings
 from worker.contract.topology import Topology
+from worker.tracing import log_ids
 
 __all__ = ["Worker", "WorkerState"]
 
@@ -329,13 +331,14 @@ class _Session:
     def _account(self, job: _Job) -> None:
         """Metrics and the one log line per handled command."""
         code, attempts, duplicate = None, 0, False
+        trace: Mapping[str, str] = {}
         match job.decision:
             case Finish() as finish:
                 key, attempts, duplicate = finish.status.value, finish.attempts, finish.duplicate
-                code = finish.error.code if finish.error else None
+                code, trace = (finish.error.code if finish.error else None), finish.trace
                 self.worker.metrics.commands.labels(key, str(duplicate).lower()).inc()
             case Retry() as retry:
-                key, attempts = "retry", retry.attempts
+                key, attempts, trace = "retry", retry.attempts, retry.trace
                 self.worker.metrics.retries.inc()
             case Requeue():
                 return
@@ -352,6 +355,7 @@ class _Session:
                 "attempt": attempts,
                 "duplicate": duplicate,
                 "duration_ms": round((time.monotonic() - job.received) * 1000, 1),
+                **log_ids(trace),
             },
         )
 

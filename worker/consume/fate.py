@@ -64,13 +64,15 @@ def _outcome_publications(
 ) -> list[Publication]:
     """The outcome event, a reply if asked for, and the parked copy of a failure."""
     delivery = prepared.delivery
-    props = {
+    given = {
         "content_type": CONTENT_TYPE,
         "message_id": prepared.event_id,
         "correlation_id": delivery.correlation_id or prepared.command_id,
         "timestamp": int(time.time()),
     }
-    props = {k: v for k, v in props.items() if v is not None}
+    props: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if finish.trace:  # W3C trace context of the command's span (SPEC §8)
+        props["application_headers"] = dict(finish.trace)
     result = [
         Publication(
             finish.event,

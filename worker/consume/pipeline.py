@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
@@ -66,6 +66,7 @@ from worker.contract.messages import (
 from worker.contract.models import ErrorCode, ErrorInfo, PabxInfo, RedirectCommand, Status
 from worker.contract.outcomes import SOURCE, as_duplicate, build_event, encode
 from worker.contract.settings import PabxTarget, Settings
+from worker.tracing import NO_TRACING, Span, Tracing
 
 __all__ = [
     "Decision",
@@ -109,6 +110,8 @@ class Finish:
     park: bool = False
     #: The outcome was recorded before: ``event`` is that outcome, marked duplicate.
     duplicate: bool = False
+    #: W3C trace context (``traceparent``, ``tracestate``) for the outcome's AMQP headers.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Retry:
     delay_s: float
     attempts: int
     command_id: str | None
+    #: W3C trace context of the command's span, for its log line.
+    trace: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -225,8 +230,10 @@ class Processor:
         leases: LeaseKeeper | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         self._pabx = pabx
+        self._tracing = tracing
         self._store = store
         self._targets = dict(targets)
         self._policy = policy
@@ -352,6 +359,16 @@ class Processor:
     # -- I/O part, run on a worker thread ----------------------------------------------
 
     def execute(self, prepared: Prepared) -> Decision:
+        """Decide what becomes of one delivery in its own span (SPEC §8); never raises."""
+        with self._tracing.command_span(prepared.delivery.headers) as span:
+            decision = self._decide(prepared)
+            if span.recording:
+                _describe_span(span, prepared, decision)
+                if isinstance(decision, Retry):
+                    decision = replace(decision, trace=self._tracing.current())
+        return decision
+
+    def _decide(self, prepared: Prepared) -> Decision:
         """Decide what becomes of one delivery; never raises.
 
         While the store does not answer at the claim, the command waits here rather than
@@ -654,8 +671,10 @@ class Processor:
         pabx = None
         if prepared.command is not None and (attempts or status_code):
             pabx = PabxInfo(name=prepared.command.pabx, status_code=status_code)
+        trace = self._tracing.current()
         event = build_event(
             event_id=prepared.event_id,
+            traceparent=trace.get("traceparent"),
             status=status,
             command_id=prepared.command_id,
             attempts=attempts,
@@ -672,6 +691,7 @@ class Processor:
             error,
             attempts,
             park=status in (Status.REJECTED, Status.FAILED) if park is None else park,
+            trace=trace,
         )
 
 
@@ -809,6 +829,29 @@ def _poison(prepared: Prepared, delivery_limit: int) -> _Ending | None:
         return None
     message = f"delivered {count} times without an outcome: parked, not processed again"
     return _Ending(Status.FAILED, ErrorCode.POISON_MESSAGE, message)
+
+
+def _describe_span(span: Span, prepared: Prepared, decision: Decision) -> None:
+    """The command span's attributes (SPEC §8): ids, target, status, attempts, duplicate."""
+    command = prepared.command
+    attributes: dict[str, Any] = {
+        "pabx.command_id": prepared.command_id,
+        "pabx.call_id": command.redirect.ID_CHAMADA if command else None,
+        "pabx.target": command.pabx if command else None,
+    }
+    match decision:
+        case Finish():
+            attributes["pabx.status"] = decision.status.value
+            attributes["pabx.attempts"] = decision.attempts
+            attributes["pabx.duplicate"] = decision.duplicate
+            if decision.error is not None and decision.status is not Status.ACCEPTED:
+                span.fail(decision.error.code.value)
+        case Retry():
+            attributes["pabx.status"] = "retry"
+            attributes["pabx.attempts"] = decision.attempts
+        case Requeue():
+            attributes["pabx.status"] = "requeue"
+    span.set(attributes)
 
 
 def _stored_data(outcome: bytes) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from pydantic import (
 __all__ = [
     "COMMAND_ID_PATTERN",
     "MAX_COMMAND_BYTES",
+    "TRACEPARENT_PATTERN",
     "AmqpRef",
     "ErrorCode",
     "ErrorInfo",
@@ -237,12 +238,24 @@ class OutcomeData(BaseModel):
     amqp: AmqpRef | None = None
 
 
-def _outcome_schema_extra(schema: dict[str, Any]) -> None:
-    """``subject`` is absent rather than null when there is no command id (CloudEvents JSON)."""
+#: W3C ``traceparent``: version, trace id, parent span id, flags.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
+
+def _outcome_schema(schema: dict[str, Any]) -> None:
+    """Attributes without a value are absent, never null (CloudEvents JSON): ``subject``
+    when there is no command id, the ``traceparent`` extension when tracing is off."""
     schema["$id"] = "https://pabx-worker/schemas/redirect-outcome.v1.json"
-    if "subject" in schema.get("required", ()):
-        schema["required"].remove("subject")
+    for name in ("subject", "traceparent"):
+        if name in schema.get("required", ()):
+            schema["required"].remove(name)
     schema["properties"]["subject"] = {"title": "Subject", "type": "string", "minLength": 1}
+    schema["properties"]["traceparent"] = {
+        "type": "string",
+        "pattern": TRACEPARENT_PATTERN,
+        "description": "W3C trace context of the command's span (CloudEvents distributed"
+        " tracing extension); present only when tracing is on.",
+    }
 
 
 class OutcomeEvent(BaseModel):
@@ -253,7 +266,7 @@ class OutcomeEvent(BaseModel):
         frozen=True,
         json_schema_serialization_defaults_required=True,
         title="RedirectOutcome",
-        json_schema_extra=_outcome_schema_extra,
+        json_schema_extra=_outcome_schema,
     )
 
     specversion: Literal["1.0"] = "1.0"
@@ -270,3 +283,6 @@ class OutcomeEvent(BaseModel):
     time: datetime
     datacontenttype: Literal["application/json"] = "application/json"
     data: OutcomeData
+    #: CloudEvents distributed-tracing extension: the W3C trace context of the command's
+    #: span, present only when tracing is on.
+    traceparent: Annotated[str, Field(pattern=TRACEPARENT_PATTERN)] | None = None

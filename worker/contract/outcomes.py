@@ -36,6 +36,7 @@ def build_event(
     error: ErrorInfo | None = None,
     delivery: Delivery | None = None,
     source: str = SOURCE,
+    traceparent: str | None = None,
 ) -> OutcomeEvent:
     """The outcome event of one command; ``delivery`` is quoted when no id could be read.
 
@@ -69,12 +70,15 @@ def build_event(
         subject=command_id,
         time=datetime.now(UTC),
         data=data,
+        traceparent=traceparent,
     )
 
 
 def encode(event: OutcomeEvent) -> bytes:
-    """The wire form of an event: ``subject`` is left out, not null, when there is none."""
-    return event.model_dump_json(exclude={"subject"} if event.subject is None else None).encode()
+    """The wire form of an event: attributes without a value (``subject`` when there is no
+    command id, ``traceparent`` when the command was not traced) are left out, not null."""
+    absent = {name for name in ("subject", "traceparent") if getattr(event, name) is None}
+    return event.model_dump_json(exclude=absent or None).encode()
 
 
 def as_duplicate(stored: bytes) -> bytes:

@@ -24,6 +24,7 @@ from worker.adapters.confirms import ConfirmingPublisher, Publication
 from worker.contract.errors import BrokerError, ConfigurationError
 from worker.contract.settings import Settings
 from worker.contract.topology import Topology
+from worker.tracing import NO_TRACING, Tracing
 
 __all__ = ["Outgoing", "Producer", "PublishReport", "raw_body"]
 
@@ -93,13 +94,20 @@ class Producer:
     """Publishes commands to ``pabx.commands`` and collects outcome events by correlation id."""
 
     def __init__(
-        self, settings: Settings, *, declare: bool = True, needs: tuple[str, ...] = ()
+        self,
+        settings: Settings,
+        *,
+        declare: bool = True,
+        needs: tuple[str, ...] = (),
+        tracing: Tracing = NO_TRACING,
     ) -> None:
         """Connect; declare the topology, or with ``declare=False`` only check it passively.
 
         ``needs`` names queues the caller will read (the parked queue), checked too.
+        ``tracing``: each command starts a trace, its ``traceparent`` in the AMQP headers.
         """
         self._settings = settings
+        self._tracing = tracing
         self._connection = connect(
             settings.amqp_url,
             ca_file=settings.amqp_ca_file,
@@ -248,10 +256,13 @@ class Producer:
                 self._await_confirms(run, lambda: len(run.pending) < window, timeout)
             props = {"timestamp": int(time.time()), **extra, **message.properties}
             props.pop("delivery_mode", None)
-            publication = Publication(message.body, *target, props, mandatory=True)
             key = run.add(message)
-            with broker_errors():
-                self._publisher.publish(publication, functools.partial(run.settle, key))
+            with self._tracing.producer_span(str(props.get("message_id"))) as (_, trace):
+                if trace:
+                    props["application_headers"] = {**props.get("application_headers", {}), **trace}
+                publication = Publication(message.body, *target, props, mandatory=True)
+                with broker_errors():
+                    self._publisher.publish(publication, functools.partial(run.settle, key))
         self._await_confirms(run, lambda: not run.pending, timeout)
 
     def _await_confirms(self, run: _PublishRun, done: Callable[[], bool], timeout: float) -> None:

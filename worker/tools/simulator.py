@@ -44,13 +44,14 @@ The request ``Content-Type`` is not checked (the vendor does not document a reac
 Admin API (not part of the vendor API):
 
 =========================  ===============================================================
-``GET /_sim/requests``     ``{"requests": [{"channel_id", "headers", "body", "status",
-                           "received_at", "arrived", "ended"}]}`` in arrival order;
+``GET /_sim/requests``     ``{"requests": [{"channel_id", "headers", "traceparent", "body",
+                           "status", "received_at", "arrived", "ended"}]}`` in arrival order;
                            ``channel_id`` is an int or the raw path segment, ``body`` the
                            parsed JSON or the raw text, headers as received (``x-api-key``
                            included, unredacted); ``received_at`` is an ISO-8601 UTC string,
                            ``arrived``/``ended`` epoch seconds (``time.time()``), ``ended``
-                           ``null`` while the request is open.
+                           ``null`` while the request is open; ``traceparent`` is the W3C
+                           trace context header the worker sent (``null`` without one).
 ``DELETE /_sim/requests``  forget recorded requests (204).
 ``PUT /_sim/faults``       JSON ``{"latency_ms", "latency_max_ms", "fail_next",
                            "fail_status", "error_rate", "hang", "reset_after_read",
@@ -461,6 +462,7 @@ def _new_record(request: web.Request) -> Record:
     return {
         "channel_id": int(raw_channel) if _CHANNEL_ID.fullmatch(raw_channel) else raw_channel,
         "headers": dict(request.headers),
+        "traceparent": request.headers.get("traceparent"),
         "body": None,
         "status": None,
         "received_at": _iso_utc(arrived),
