@@ -101,6 +101,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.metrics.in_flight.set_function(lambda: self.state.in_flight)
         self.metrics.connected.set_function(lambda: int(self.state.connected))
+        self.metrics.consuming.set_function(lambda: int(self.state.consuming))
         for name, breaker in processor.breakers.items():
             self.metrics.circuit.labels(name).set_function(
                 lambda b=breaker: CIRCUIT_VALUES[b.state.value]  # type: ignore[misc]
@@ -317,6 +318,13 @@ class _Session:
             self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
         self._account(job)
 
+    def _meter(self, finish: Finish, seconds: float) -> None:
+        metrics, status = self.worker.metrics, finish.status.value
+        metrics.commands.labels(status, str(finish.duplicate).lower()).inc()
+        metrics.outcome_seconds.labels(status).observe(seconds)
+        if finish.park and finish.error is not None and not finish.duplicate:
+            metrics.parked.inc()
+
     def _account(self, job: _Job) -> None:
         """Metrics and the one log line per handled command."""
         code, attempts, duplicate = None, 0, False
@@ -324,7 +332,7 @@ class _Session:
             case Finish() as finish:
                 key, attempts, duplicate = finish.status.value, finish.attempts, finish.duplicate
                 code = finish.error.code if finish.error else None
-                self.worker.metrics.commands.labels(key, str(duplicate).lower()).inc()
+                self._meter(finish, time.monotonic() - job.received)
             case Retry() as retry:
                 key, attempts = "retry", retry.attempts
                 self.worker.metrics.retries.inc()
