@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from tests.integration.conftest import private_settings
 from tests.kit.events import MemoryPeer, memory_peer
 from tests.kit.processes import RunningWorker, set_faults, wait_until
 from tests.kit.samples import API_KEY, command
+from tests.kit.topology import private_settings
 from worker.consume.observability import (
     HealthServer,
     MeteredPabx,
