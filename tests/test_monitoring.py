@@ -25,7 +25,8 @@ _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 
 def alert_rules() -> list[dict[str, Any]]:
-    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
 
 
 def dashboard_exprs() -> list[str]:

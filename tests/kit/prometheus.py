@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import IN_CI
 from tests.kit.processes import free_port, wait_until
 
-__all__ = ["DEPLOY", "PrometheusServer", "promtool", "prometheus"]
+__all__ = ["DEPLOY", "PrometheusServer", "prometheus", "promtool"]
 
 #: The shipped dashboard and alert rules.
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
