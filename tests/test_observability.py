@@ -145,4 +145,7 @@ def test_label_cardinality_does_not_grow_with_the_number_of_commands() -> None:
             running.stop()
     assert _series(text) == before
     assert 'pabx_worker_commands_total{duplicate="false",status="accepted"} 22.0' in text
+    # Every rejection (22 refused by the PABX, 2 invalid) is parked once.
+    assert 'pabx_worker_commands_total{duplicate="false",status="rejected"} 24.0' in text
+    assert "\npabx_worker_parked_total 24.0" in text
     assert len(before) < 150

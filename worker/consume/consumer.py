@@ -22,7 +22,7 @@ from worker.adapters.channel import AmqpConnection, Connect, InboundMessage
 from worker.adapters.confirms import ConfirmingPublisher
 from worker.consume.circuit import CircuitState
 from worker.consume.dispatch import KeyedExecutor
-from worker.consume.fate import fate_of
+from worker.consume.fate import fate_of, parks
 from worker.consume.inbound import to_delivery, tolerate_non_utf8_properties
 from worker.consume.observability import CIRCUIT_VALUES, Metrics
 from worker.consume.pipeline import Decision, Finish, Prepared, Processor, Requeue, Retry
@@ -322,7 +322,7 @@ class _Session:
         metrics, status = self.worker.metrics, finish.status.value
         metrics.commands.labels(status, str(finish.duplicate).lower()).inc()
         metrics.outcome_seconds.labels(status).observe(seconds)
-        if finish.park and finish.error is not None and not finish.duplicate:
+        if parks(finish):
             metrics.parked.inc()
 
     def _account(self, job: _Job) -> None:
