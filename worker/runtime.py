@@ -245,6 +245,7 @@ def _health_server(settings: Settings, worker: Worker, processor: Processor) -> 
         store_up = processor.store_breaker.state is CircuitState.CLOSED
         return state.connected and state.consuming and store_up and processor.store_answers()
 
+    worker.metrics.ready.set_function(lambda: int(ready()))
     try:
         server = HealthServer(
             host=settings.http_host, port=settings.http_port, metrics=worker.metrics, ready=ready

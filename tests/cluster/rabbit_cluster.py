@@ -64,6 +64,8 @@ NODE_PREFIX = "pabxc"
 DIST_OFFSET = 20000
 #: CLI tools' own distribution ports start at the node's distribution port + this.
 CTL_DIST_OFFSET = 10000
+#: With ``prometheus=True``: the rabbitmq_prometheus endpoint's port = AMQP port + this.
+PROMETHEUS_OFFSET = 30000
 #: Ports and names never to be used: the machine's shared node.
 RESERVED_PORTS = frozenset({5672, 25672, 15672, 4369})
 STATE_FILE = "cluster.json"
@@ -116,6 +118,11 @@ class Node:
     def short(self) -> str:
         return self.name.split("@", 1)[0]
 
+    @property
+    def prometheus_port(self) -> int:
+        """rabbitmq_prometheus's port (when the cluster was made with ``prometheus=True``)."""
+        return self.amqp_port + PROMETHEUS_OFFSET
+
 
 class ClusterURLs(list[str]):
     """The AMQP URLs of the nodes, in node order; ``.cluster`` is the cluster behind them."""
@@ -135,6 +142,7 @@ class RabbitCluster:
         prefix: str = NODE_PREFIX,
         sbin: Path | None = None,
         log: Any = None,
+        prometheus: bool = False,
     ) -> None:
         if nodes < 1:
             raise ValueError("nodes must be at least 1")
@@ -142,6 +150,8 @@ class RabbitCluster:
             raise ValueError(f"refusing node name prefix {prefix!r}")
         self.dir = Path(base_dir).resolve()
         self.prefix = prefix
+        #: Enable rabbitmq_prometheus on every node (on :attr:`Node.prometheus_port`).
+        self.prometheus = prometheus
         self.sbin = sbin or find_sbin()
         self.log = log or (lambda msg: print(f"[cluster] {msg}", file=sys.stderr, flush=True))
         self.nodes = [
@@ -286,7 +296,8 @@ class RabbitCluster:
         if (self.dir / STATE_FILE).exists():
             raise ClusterError(f"{self.dir} already holds a cluster: run 'down' on it first")
         for node in self.nodes:
-            for port in (node.amqp_port, node.dist_port):
+            ports = (node.amqp_port, node.dist_port)
+            for port in (*ports, node.prometheus_port) if self.prometheus else ports:
                 if port_in_use(port):
                     raise SlotBusy(f"{node.name}: port {port} on 127.0.0.1 is in use")
             if node.short in _epmd_names():
@@ -300,10 +311,12 @@ class RabbitCluster:
         for node in self.nodes:
             for sub in ("mnesia", "log", "plugins-expand"):
                 (node.home / sub).mkdir(parents=True, exist_ok=True)
-            (node.home / "enabled_plugins").write_text("[].\n")
+            plugins = "rabbitmq_prometheus" if self.prometheus else ""
+            (node.home / "enabled_plugins").write_text(f"[{plugins}].\n")
             (node.home / "rabbitmq.conf").write_text(
                 "\n".join(
                     [
+                        *self._prometheus_config(node),
                         f"listeners.tcp.local = 127.0.0.1:{node.amqp_port}",
                         "loopback_users.guest = true",
                         "log.console = false",
@@ -314,6 +327,11 @@ class RabbitCluster:
                     ]
                 )
             )
+
+    def _prometheus_config(self, node: Node) -> list[str]:
+        if not self.prometheus:
+            return []
+        return ["prometheus.tcp.ip = 127.0.0.1", f"prometheus.tcp.port = {node.prometheus_port}"]
 
     def _spawn(self, node: Node) -> None:
         sink = (node.home / "log" / "startup.log").open("ab")
@@ -501,6 +519,7 @@ def local_cluster(
     base_port: int = 5681,
     *,
     slots: int = 1,
+    prometheus: bool = False,
 ) -> Iterator[ClusterURLs]:
     """Start ``nodes`` clustered nodes under ``tmp_dir``, yield their AMQP URLs, tear down.
 
@@ -510,7 +529,9 @@ def local_cluster(
     """
     for slot in range(slots):
         prefix = NODE_PREFIX + ("" if slot == 0 else chr(ord("a") + slot))
-        cluster = RabbitCluster(tmp_dir, nodes, base_port + 10 * slot, prefix=prefix)
+        cluster = RabbitCluster(
+            tmp_dir, nodes, base_port + 10 * slot, prefix=prefix, prometheus=prometheus
+        )
         try:
             cluster.start()
         except SlotBusy as exc:

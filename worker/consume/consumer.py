@@ -24,7 +24,7 @@ from worker.adapters.confirms import ConfirmingPublisher
 from worker.adapters.systemd import Notifier
 from worker.consume.circuit import CircuitState
 from worker.consume.dispatch import KeyedExecutor
-from worker.consume.fate import fate_of
+from worker.consume.fate import fate_of, parks
 from worker.consume.inbound import to_delivery, tolerate_non_utf8_properties
 from worker.consume.observability import CIRCUIT_VALUES, Metrics
 from worker.consume.pipeline import Decision, Finish, Prepared, Processor, Requeue, Retry
@@ -107,6 +107,7 @@ class Worker:
         self.metrics = metrics or Metrics()
         self.metrics.in_flight.set_function(lambda: self.state.in_flight)
         self.metrics.connected.set_function(lambda: int(self.state.connected))
+        self.metrics.consuming.set_function(lambda: int(self.state.consuming))
         for name, breaker in processor.breakers.items():
             self.metrics.circuit.labels(name).set_function(
                 lambda b=breaker: CIRCUIT_VALUES[b.state.value]  # type: ignore[misc]
@@ -328,6 +329,13 @@ class _Session:
             self.publisher.publish(publication, lambda ok: self._confirmed(tag, ok))
         self._account(job)
 
+    def _meter(self, finish: Finish, seconds: float) -> None:
+        metrics, status = self.worker.metrics, finish.status.value
+        metrics.commands.labels(status, str(finish.duplicate).lower()).inc()
+        metrics.outcome_seconds.labels(status).observe(seconds)
+        if parks(finish):
+            metrics.parked.inc()
+
     def _account(self, job: _Job) -> None:
         """Metrics and the one log line per handled command."""
         code, attempts, duplicate = None, 0, False
@@ -336,7 +344,7 @@ class _Session:
             case Finish() as finish:
                 key, attempts, duplicate = finish.status.value, finish.attempts, finish.duplicate
                 code, trace = (finish.error.code if finish.error else None), finish.trace
-                self.worker.metrics.commands.labels(key, str(duplicate).lower()).inc()
+                self._meter(finish, time.monotonic() - job.received)
             case Retry() as retry:
                 key, attempts, trace = "retry", retry.attempts, retry.trace
                 self.worker.metrics.retries.inc()

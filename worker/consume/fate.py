@@ -23,7 +23,7 @@ from worker.contract.outcomes import CONTENT_TYPE, routing_key_for
 from worker.contract.settings import Settings
 from worker.contract.topology import Topology
 
-__all__ = ["MAX_COPIED_HEADER_BYTES", "MAX_REASON_CHARS", "Fate", "fate_of"]
+__all__ = ["MAX_COPIED_HEADER_BYTES", "MAX_REASON_CHARS", "Fate", "fate_of", "parks"]
 
 log = logging.getLogger("pabx_worker.consumer")
 
@@ -84,9 +84,14 @@ def _outcome_publications(
     ]
     if delivery.reply_to and _may_reply_to(settings, topology, delivery.reply_to):
         result.append(Publication(finish.event, "", delivery.reply_to, props))
-    if finish.park and finish.error is not None and not finish.duplicate:
+    if parks(finish) and finish.error is not None:
         result.append(_parked_copy(settings, delivery, finish, finish.error))
     return result
+
+
+def parks(finish: Finish) -> bool:
+    """Whether this finish copies the command to the parked queue (a first failure)."""
+    return finish.park and finish.error is not None and not finish.duplicate
 
 
 def _may_reply_to(settings: Settings, topology: Topology, queue: str) -> bool:

@@ -7,13 +7,17 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 
@@ -21,19 +25,61 @@ from worker.consume.pipeline import PabxClient
 from worker.contract.errors import PabxError
 from worker.contract.settings import PabxTarget
 
-__all__ = ["CIRCUIT_VALUES", "HealthServer", "MeteredPabx", "Metrics"]
+__all__ = [
+    "CIRCUIT_VALUES",
+    "LATENCY_BUCKETS",
+    "HealthServer",
+    "MeteredPabx",
+    "Metrics",
+    "pabx_result",
+    "worker_version",
+]
 
 log = logging.getLogger("pabx_worker.http")
 
 #: Value of the circuit gauge for each breaker state.
 CIRCUIT_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+#: Buckets that fit a PABX request, and a command's outcome: 5 ms to 10 s.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+def worker_version() -> str:
+    """The installed distribution's version (``unknown`` when run from a bare checkout)."""
+    try:
+        return version("pabx-worker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def pabx_result(status_code: int | None, code: str) -> str:
+    """The ``result`` label of a failed PABX request: an HTTP status, else our error code.
+
+    Both sets are finite (an int outside 100-599 is not a status), so the label stays bounded.
+    """
+    if status_code is not None and 100 <= status_code <= 599:
+        return str(status_code)
+    return str(code)
 
 
 class Metrics:
-    """Every metric pabx-worker exports, on a registry of its own."""
+    """Every metric pabx-worker exports, on a registry of its own.
+
+    Label values come from finite sets only: outcome statuses, configured target names,
+    HTTP statuses or error codes, ``true``/``false``, and the version. Never an id.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "pabx_worker_build_info",
+            "Always 1, labelled by the running version.",
+            ["version"],
+            registry=self.registry,
+        )
+        self.build_info.labels(worker_version()).set(1)
         self.commands = Counter(
             "pabx_worker_commands",
             "Commands finished, by outcome status.",
@@ -45,12 +91,24 @@ class Metrics:
             "Commands sent to a broker-held retry queue.",
             registry=self.registry,
         )
+        self.parked = Counter(
+            "pabx_worker_parked",
+            "Failed commands copied to the parked queue.",
+            registry=self.registry,
+        )
+        self.outcome_seconds = Histogram(
+            "pabx_worker_outcome_seconds",
+            "Time from a command's delivery to its outcome, by outcome status.",
+            ["status"],
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
         self.pabx_seconds = Histogram(
             "pabx_worker_pabx_request_seconds",
             "Duration of PABX requests, by target and result.",
             ["target", "result"],
             registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            buckets=LATENCY_BUCKETS,
         )
         self.queue_seconds = Histogram(
             "pabx_worker_queue_seconds",
@@ -77,6 +135,16 @@ class Metrics:
             "1 while connected to the broker.",
             registry=self.registry,
         )
+        self.consuming = Gauge(
+            "pabx_worker_consuming",
+            "1 while a consumer is attached to the command queue.",
+            registry=self.registry,
+        )
+        self.ready = Gauge(
+            "pabx_worker_ready",
+            "1 while /readyz answers 200.",
+            registry=self.registry,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -95,7 +163,7 @@ class MeteredPabx:
         try:
             return self._inner.redirect(target, channel_id, body)
         except PabxError as exc:
-            result = str(exc.status_code or exc.code)
+            result = pabx_result(exc.status_code, exc.code)
             raise
         finally:
             elapsed = time.perf_counter() - started
