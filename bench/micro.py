@@ -124,6 +124,7 @@ def pipeline_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
         ),
         results,
     )
+    measure("tracing off: the spans, context and log ids of one command", n, _untraced, results)
     with build_processor(settings) as processor:
         measure("Processor.prepare", n, lambda i: processor.prepare(delivery(i)), results)
         prepared = [processor.prepare(delivery(i)) for i in range(n)]
@@ -134,6 +135,18 @@ def pipeline_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
             lambda i: processor.execute(prepared[i] if i >= 0 else warm_prepared[-1 - i]),
             results,
         )
+
+
+def _untraced(i: int) -> None:
+    """What one command costs the worker with no ``OTEL_*`` variable set (SPEC §8)."""
+    from worker.tracing import NO_TRACING
+
+    with NO_TRACING.command_span({}) as span:
+        _ = span.recording
+    with NO_TRACING.request_span("default"):
+        pass
+    NO_TRACING.current().get("traceparent")
+    NO_TRACING.log_ids()
 
 
 def http_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
