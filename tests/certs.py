@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Authority", "Leaf"]
+__all__ = ["Authority", "Leaf", "PabxPki", "pabx_pki"]
 
 _DAY = datetime.timedelta(days=1)
 
@@ -94,6 +94,32 @@ class Authority:
         )
         leaf.key.chmod(0o600)
         return leaf
+
+
+@dataclass(frozen=True)
+class PabxPki:
+    """The certificates the PABX TLS tests use: a CA, a stranger CA, and their leaves."""
+
+    ca: Authority
+    other: Authority
+    server: Leaf
+    client: Leaf
+    foreign_client: Leaf
+    wrong_host: Leaf
+
+
+def pabx_pki(base: Path) -> PabxPki:
+    """A PABX server certificate for localhost, a worker client certificate, and misfits."""
+    ca = Authority(base / "ca", "pabx CA")
+    other = Authority(base / "other", "other CA")
+    return PabxPki(
+        ca=ca,
+        other=other,
+        server=ca.issue("pabx", hosts=("localhost", "127.0.0.1")),
+        client=ca.issue("worker", client=True),
+        foreign_client=other.issue("stranger", client=True),
+        wrong_host=ca.issue("elsewhere", hosts=("other.example",)),
+    )
 
 
 def _general_name(host: str) -> x509.GeneralName:

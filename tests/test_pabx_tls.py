@@ -7,7 +7,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,8 @@ from pydantic import SecretStr
 from urllib3.util.ssl_ import create_urllib3_context
 
 import worker.adapters.pabx
-from tests.certs import Authority, Leaf
+from tests.certs import PabxPki as Pki
+from tests.certs import pabx_pki
 from tests.kit.samples import VENDOR_REQUIRED
 from worker.adapters.pabx import HttpPabx
 from worker.contract.errors import (
@@ -35,29 +35,9 @@ KEY = "tls-unit-key"
 BODY = VENDOR_REQUIRED
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Authority
-    other: Authority
-    server: Leaf
-    client: Leaf
-    foreign_client: Leaf
-    wrong_host: Leaf
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    base = tmp_path_factory.mktemp("pki")
-    ca = Authority(base / "ca", "pabx CA")
-    other = Authority(base / "other", "other CA")
-    return Pki(
-        ca=ca,
-        other=other,
-        server=ca.issue("pabx", hosts=("localhost", "127.0.0.1")),
-        client=ca.issue("worker", client=True),
-        foreign_client=other.issue("stranger", client=True),
-        wrong_host=ca.issue("elsewhere", hosts=("other.example",)),
-    )
+    return pabx_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -43,10 +43,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = [
     "ClusterError",
@@ -56,6 +56,7 @@ __all__ = [
     "SlotBusy",
     "find_sbin",
     "local_cluster",
+    "start_in_free_slot",
 ]
 
 #: Node names are PREFIX1@localhost, PREFIX2@localhost, ...
@@ -512,6 +513,31 @@ class RabbitCluster:
         return cluster
 
 
+C = TypeVar("C", bound="RabbitCluster")
+
+
+def start_in_free_slot(make: Callable[[int], C], slots: int) -> C:
+    """``make(slot).start()`` for slot 0, 1, …: a taken slot (:class:`SlotBusy`) moves on.
+
+    Whatever fails is stopped before the error goes on; the last slot's SlotBusy is raised.
+    """
+    for slot in range(slots):
+        nodes = make(slot)
+        try:
+            nodes.start()
+        except SlotBusy as exc:
+            nodes.stop()
+            if slot == slots - 1:
+                raise
+            nodes.log(f"{exc}; trying the next slot")
+            continue
+        except BaseException:
+            nodes.stop()
+            raise
+        return nodes
+    raise ValueError("slots must be at least 1")
+
+
 @contextlib.contextmanager
 def local_cluster(
     tmp_dir: str | os.PathLike[str],
@@ -527,23 +553,14 @@ def local_cluster(
     the same test) moves on to the next one: names ``pabxcb1…``, ``pabxcc1…`` and ports
     ``base_port + 10``, ``+ 20``…
     """
-    for slot in range(slots):
+
+    def in_slot(slot: int) -> RabbitCluster:
         prefix = NODE_PREFIX + ("" if slot == 0 else chr(ord("a") + slot))
-        cluster = RabbitCluster(
+        return RabbitCluster(
             tmp_dir, nodes, base_port + 10 * slot, prefix=prefix, prometheus=prometheus
         )
-        try:
-            cluster.start()
-        except SlotBusy as exc:
-            cluster.stop()
-            if slot == slots - 1:
-                raise
-            cluster.log(f"{exc}; trying the next slot")
-            continue
-        except BaseException:
-            cluster.stop()
-            raise
-        break
+
+    cluster = start_in_free_slot(in_slot, slots)
     try:
         urls = ClusterURLs(cluster.urls)
         urls.cluster = cluster

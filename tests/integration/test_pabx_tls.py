@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import requests
 
-from tests.certs import Authority, Leaf
+from tests.certs import PabxPki as Pki
+from tests.certs import pabx_pki
 from tests.kit.events import Peer
 from tests.kit.processes import RunningWorker
 from tests.kit.samples import API_KEY, CHANNEL, VENDOR_EXAMPLE
@@ -29,24 +29,9 @@ pytestmark = pytest.mark.integration
 PROMPT_S = 5.0
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Authority
-    other: Authority
-    server: Leaf
-    client: Leaf
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    base = tmp_path_factory.mktemp("pki")
-    ca = Authority(base / "ca", "pabx CA")
-    return Pki(
-        ca=ca,
-        other=Authority(base / "other", "other CA"),
-        server=ca.issue("pabx", hosts=("localhost", "127.0.0.1")),
-        client=ca.issue("worker", client=True),
-    )
+    return pabx_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,12 @@ __all__ = [
 MEMORY_URL = "amqp://memory.invalid:1/%2F"
 
 
+def as_command(body: bytes | dict[str, Any], props: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """A command's raw body and properties: JSON and persistent unless ``props`` say otherwise."""
+    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+    return raw, {"content_type": "application/json", "delivery_mode": 2, **props}
+
+
 @dataclass
 class Peer:
     """A pika client: publishes commands and reads results, parked and unrouted messages."""
@@ -63,10 +69,7 @@ class Peer:
 
     def publish(self, body: bytes | dict[str, Any], **props: Any) -> None:
         """Publish a command (JSON and persistent unless ``props`` say otherwise)."""
-        raw = json.dumps(body).encode() if isinstance(body, dict) else body
-        props.setdefault("content_type", "application/json")
-        props.setdefault("delivery_mode", 2)
-        self.send(raw, props)
+        self.send(*as_command(body, props))
 
     def send(self, body: bytes, props: Mapping[str, Any]) -> None:
         """Publish ``body`` to the commands exchange with exactly these pika properties."""
@@ -144,10 +147,8 @@ class MemoryPeer:
         return self.broker.connect
 
     def publish(self, body: bytes | dict[str, Any], **props: Any) -> None:
-        raw = json.dumps(body).encode() if isinstance(body, dict) else body
-        props.setdefault("content_type", "application/json")
-        props.setdefault("delivery_mode", 2)
-        self.send(raw, props)
+        """Publish a command (JSON and persistent unless ``props`` say otherwise)."""
+        self.send(*as_command(body, props))
 
     def send(self, body: bytes, props: Mapping[str, Any]) -> None:
         properties = through_the_wire(body, props).properties

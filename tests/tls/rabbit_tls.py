@@ -35,6 +35,7 @@ from tests.cluster.rabbit_cluster import (
     RabbitCluster,
     SlotBusy,
     port_in_use,
+    start_in_free_slot,
 )
 
 __all__ = ["TlsListener", "TlsNodes", "tls_nodes"]
@@ -127,22 +128,13 @@ class TlsNodes(RabbitCluster):
 @contextlib.contextmanager
 def tls_nodes(tmp_dir: Path, ca_file: Path, listeners: Sequence[TlsListener]) -> Iterator[TlsNodes]:
     """Start one node per listener under ``tmp_dir``, yield them, always stop them."""
-    for attempt in range(ATTEMPTS):
-        base = random.randrange(BASE_MIN, BASE_MAX)
+
+    def at_random_ports(attempt: int) -> TlsNodes:
         prefix = f"pabxtls{secrets.token_hex(3)}"
-        nodes = TlsNodes(tmp_dir / prefix, ca_file, listeners, base, prefix)
-        try:
-            nodes.start()
-        except SlotBusy as exc:
-            nodes.stop()
-            if attempt == ATTEMPTS - 1:
-                raise
-            nodes.log(f"{exc}; trying other ports")
-            continue
-        except BaseException:
-            nodes.stop()
-            raise
-        break
+        base = random.randrange(BASE_MIN, BASE_MAX)
+        return TlsNodes(tmp_dir / prefix, ca_file, listeners, base, prefix)
+
+    nodes = start_in_free_slot(at_random_ports, ATTEMPTS)
     try:
         yield nodes
     finally:
