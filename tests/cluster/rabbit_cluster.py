@@ -269,8 +269,8 @@ class RabbitCluster:
 
     # -- lifecycle ----------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Boot every node, join them to the first one, wait for all of them to run."""
+    def boot(self) -> float:
+        """Prepare and start every node in parallel, wait until each boots; returns the start."""
         began = time.monotonic()
         self._prepare()
         for node in self.nodes:
@@ -278,6 +278,11 @@ class RabbitCluster:
         self._save_state()
         for node in self.nodes:
             self._await_boot(node, began + BOOT_TIMEOUT_S)
+        return began
+
+    def start(self) -> None:
+        """Boot every node, join them to the first one, wait for all of them to run."""
+        began = self.boot()
         booted = time.monotonic()
         self.log(f"{len(self.nodes)} nodes booted in {booted - began:.1f}s")
         first = self.nodes[0]

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
-from worker.tools.example import VENDOR_EXAMPLE
+from worker.tools.example import VENDOR_EXAMPLE, redirect_command
 from worker.tools.simulator import REQUIRED_FIELDS
 
 __all__ = [
@@ -49,13 +48,9 @@ def command(command_id: str | None = None, **changes: Any) -> dict[str, Any]:
         "ID_CHAMADA": f"call-{uuid.uuid4().hex[:8]}",
         **changes.pop("redirect", {}),
     }
-    return {
-        "command_id": command_id or f"c-{uuid.uuid4().hex}",
-        "type": "redirect",
-        "version": 1,
-        "redirect": redirect,
-        **changes,
-    }
+    return redirect_command(
+        command_id or f"c-{uuid.uuid4().hex}", redirect, issued=False, **changes
+    )
 
 
 def counted_command(command_id: str, **changes: Any) -> dict[str, Any]:
@@ -66,14 +61,7 @@ def counted_command(command_id: str, **changes: Any) -> dict[str, Any]:
         "DADOS": command_id[:100],
         **changes.pop("redirect", {}),
     }
-    return {
-        "command_id": command_id,
-        "type": "redirect",
-        "version": 1,
-        "issued_at": datetime.now(UTC).isoformat(),
-        "redirect": redirect,
-        **changes,
-    }
+    return redirect_command(command_id, redirect, **changes)
 
 
 def command_ids(scenario: str, count: int) -> list[str]:

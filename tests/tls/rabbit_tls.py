@@ -28,7 +28,6 @@ from pathlib import Path
 
 from tests.certs import Leaf
 from tests.cluster.rabbit_cluster import (
-    BOOT_TIMEOUT_S,
     RESERVED_PORTS,
     ClusterError,
     Node,
@@ -82,13 +81,7 @@ class TlsNodes(RabbitCluster):
 
     def start(self) -> None:
         """Boot every node in parallel and wait until each TLS listener accepts connections."""
-        began = time.monotonic()
-        self._prepare()
-        for node in self.nodes:
-            self._spawn(node)
-        self._save_state()
-        for node in self.nodes:
-            self._await_boot(node, began + BOOT_TIMEOUT_S)
+        began = self.boot()
         self.formed_in_s = time.monotonic() - began
         self._save_state()
         self.log(f"{len(self.nodes)} TLS node(s) up in {self.formed_in_s:.1f}s under {self.dir}")

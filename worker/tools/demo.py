@@ -19,7 +19,7 @@ from worker.contract.errors import BrokerError
 from worker.contract.settings import load_settings
 from worker.produce.producer import Producer
 from worker.runtime import build_processor
-from worker.tools.example import VENDOR_EXAMPLE
+from worker.tools.example import VENDOR_EXAMPLE, redirect_command
 from worker.tools.simulator import SimulatorThread
 
 __all__ = ["run_demo", "sample_commands"]
@@ -27,14 +27,7 @@ __all__ = ["run_demo", "sample_commands"]
 
 def _command(command_id: str, call: str, **changes: Any) -> dict[str, Any]:
     redirect = {**VENDOR_EXAMPLE, "ID_CHAMADA": call, **changes.pop("redirect", {})}
-    return {
-        "command_id": command_id,
-        "type": "redirect",
-        "version": 1,
-        "issued_at": datetime.now(UTC).isoformat(),
-        "redirect": redirect,
-        **changes,
-    }
+    return redirect_command(command_id, redirect, **changes)
 
 
 def sample_commands(run: str) -> list[tuple[str, str, bytes]]:

@@ -5,7 +5,10 @@ The demo, the bench and the tests all start from it; this is its only copy.
 
 from __future__ import annotations
 
-__all__ = ["VENDOR_EXAMPLE"]
+from datetime import UTC, datetime
+from typing import Any
+
+__all__ = ["VENDOR_EXAMPLE", "redirect_command"]
 
 #: The ``redirect`` body of the vendor's example request (every value a string, as sent).
 VENDOR_EXAMPLE: dict[str, str] = {
@@ -20,3 +23,14 @@ VENDOR_EXAMPLE: dict[str, str] = {
     "DISPOSITIVO_DESTINO_APOS_FINALIZACAO_CHAMADA": "1244000",
     "TEMPO_POS_ATENDIMENTO": "5",
 }
+
+
+def redirect_command(
+    command_id: str, redirect: dict[str, Any], *, issued: bool = True, **changes: Any
+) -> dict[str, Any]:
+    """A redirect command (SPEC §3) with this ``redirect`` body, ``issued_at`` now unless
+    ``issued`` is False; ``changes`` replace or add top-level fields."""
+    command: dict[str, Any] = {"command_id": command_id, "type": "redirect", "version": 1}
+    if issued:
+        command["issued_at"] = datetime.now(UTC).isoformat()
+    return {**command, "redirect": redirect, **changes}
