@@ -211,7 +211,8 @@ def http_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
 def store_steps(
     stores: list[str], n: int, results: list[dict[str, Any]], urls: dict[str, str]
 ) -> None:
-    """The round trips a new command costs the store: claim, mark_sent (with its call), record."""
+    """The round trips a new command costs the store: claim, mark_sent (with its call), record;
+    and the two steps the worker takes instead: claim_and_send, record."""
     from worker.adapters.store import open_store
     from worker.adapters.store.base import CallRef
 
@@ -238,11 +239,20 @@ def store_steps(
             store.mark_sent(cid, claim.token, CallRef(f"{run}:{i}", now), now=now, lease_s=60)
             store.record(cid, claim.token, outcome, now=now)
 
+        def fused(i: int, store: Any = store, run: str = run) -> None:
+            cid = f"{run}f-{i}"
+            now = time.time()
+            token = uuid.uuid4().hex
+            call = CallRef(f"{run}:f{i}", now)
+            store.claim_and_send(cid, "fp", call, now=now, lease_s=60, token=token)
+            store.record(cid, token, outcome, now=now)
+
         def claim_only(i: int, store: Any = store, run: str = run) -> None:
             store.claim(f"{run}c-{i}", "fp", now=time.time(), lease_s=60)
 
         try:
             measure(f"store {name}: claim + mark_sent + record", n, cycle, results)
+            measure(f"store {name}: claim_and_send + record (the worker's)", n, fused, results)
             measure(f"store {name}: claim only (one round trip)", n, claim_only, results)
         finally:
             _cleanup(name, url, run)

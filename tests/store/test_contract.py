@@ -28,7 +28,7 @@ from psycopg import sql
 from worker.adapters.store import RETENTION_S, ClaimState, Store, open_store
 from worker.adapters.store.base import CallRef, Send, SendState
 from worker.adapters.store.memory import MemoryStore
-from worker.adapters.store.postgres import PostgresStore
+from worker.adapters.store.postgres import POOL_SIZE, PostgresStore
 from worker.adapters.store.redis import RedisStore
 from worker.adapters.store.sqlite import SqliteStore
 from worker.contract.errors import ConfigurationError, StoreError
@@ -714,6 +714,88 @@ def _assert_one_sent(answers: dict[str, Send], *, now: float) -> None:
 # -- reserve_slot ---------------------------------------------------------------------------
 
 
+# -- claim_and_send: claim, then mark_sent, as one step ----------------------------------
+
+
+def _claim_and_send(
+    store: Store, command_id: str, call: CallRef | None, *, now: float, fp: str = FP
+) -> tuple[Any, Send | None]:
+    return store.claim_and_send(
+        command_id, fp, call, now=now, lease_s=LEASE, token=uuid.uuid4().hex
+    )
+
+
+def test_claim_and_send_of_a_new_command_is_new_and_sent(store: Store) -> None:
+    claim, sent = _claim_and_send(store, "c1", CallRef(CALL, T0), now=T0)
+    assert claim.state is ClaimState.NEW and claim.attempts == 0 and claim.first_seen == T0
+    assert sent == Send(SendState.SENT, 1)
+    # It holds the call and counts the request, exactly as mark_sent would have.
+    other = _claimed(store, "c2", now=T0 + 1)
+    busy = _sent(store, "c2", other, CallRef(CALL, T0 + 1), now=T0 + 1)
+    assert busy.state is SendState.CALL_BUSY and busy.busy_until == T0 + LEASE
+    assert claim.token is not None
+    assert store.record("c1", claim.token, b"ok", now=T0 + 2) == b"ok"
+    assert store.claim("c1", FP, now=T0 + 3, lease_s=LEASE).attempts == 1
+
+
+def test_claim_and_send_without_a_call(store: Store) -> None:
+    claim, sent = _claim_and_send(store, "c1", None, now=T0)
+    assert claim.state is ClaimState.NEW and sent == Send(SendState.SENT, 1)
+    assert claim.token is not None
+    assert _sent(store, "c1", claim.token, now=T0 + 1) == Send(SendState.SENT, 2)
+
+
+def test_claim_and_send_sends_nothing_unless_the_claim_takes_the_lease(store: Store) -> None:
+    token = _holding(store, "c1", T0, now=T0)
+    claim, sent = _claim_and_send(store, "c1", CallRef(CALL, T0), now=T0 + 1)
+    assert claim.state is ClaimState.BUSY and sent is None
+    claim, sent = _claim_and_send(store, "c1", CallRef(CALL, T0), now=T0 + 1, fp=OTHER_FP)
+    assert claim.state is ClaimState.CONFLICT and sent is None
+    store.record("c1", token, b"done", now=T0 + 2)
+    claim, sent = _claim_and_send(store, "c1", CallRef(CALL, T0), now=T0 + 3)
+    assert claim.state is ClaimState.DONE and claim.outcome == b"done" and sent is None
+    assert claim.attempts == 1  # nothing counted by the refused steps
+
+
+def test_claim_and_send_after_a_lapsed_send_is_takeover_counting_on(store: Store) -> None:
+    _holding(store, "c1", T0, now=T0)
+    claim, sent = _claim_and_send(store, "c1", CallRef(CALL, T0), now=T0 + LEASE + 1)
+    assert claim.state is ClaimState.TAKEOVER and claim.attempts == 1
+    assert sent == Send(SendState.SENT, 2)
+
+
+def test_claim_and_send_keeps_the_lease_when_the_call_refuses(store: Store) -> None:
+    _holding(store, "c1", T0 + 5, now=T0)  # a newer command of the call, still holding it
+    claim, sent = _claim_and_send(store, "c2", CallRef(CALL, T0 + 9), now=T0 + 1)
+    assert claim.state is ClaimState.NEW
+    assert sent is not None and sent.state is SendState.CALL_BUSY
+    claim_old, superseded = _claim_and_send(store, "c3", CallRef(CALL, T0), now=T0 + 1)
+    assert superseded == Send(SendState.SUPERSEDED, newer="c1")
+    # Refused sends count nothing, and the leases were taken: others find them busy.
+    assert store.claim("c2", FP, now=T0 + 2, lease_s=LEASE).state is ClaimState.BUSY
+    assert claim.token is not None and claim_old.token is not None
+    assert _sent(store, "c2", claim.token, None, now=T0 + 2) == Send(SendState.SENT, 1)
+
+
+def test_threads_claim_and_send_one_call_get_one_sent(store: Store) -> None:
+    barrier = threading.Barrier(8)
+    results: queue.Queue[tuple[Any, Send | None]] = queue.Queue()
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results.put(_claim_and_send(store, f"c{i}", CallRef(CALL, T0), now=T0))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    answers = [results.get_nowait() for _ in threads]
+    assert all(claim.state is ClaimState.NEW for claim, _ in answers)
+    states = Counter(sent.state for _, sent in answers if sent is not None)
+    assert states == {SendState.SENT: 1, SendState.CALL_BUSY: 7}
+
+
 def test_reserve_slot_spaces_requests_interval_apart(store: Store) -> None:
     waits = [store.reserve_slot("pabx-a", interval_s=1.0) for _ in range(3)]
     assert 0.0 <= waits[0] <= 0.05
@@ -1151,14 +1233,41 @@ def test_redis_survives_a_killed_connection(redis_url: str) -> None:
 def test_postgres_reconnects_after_the_connection_is_lost(postgres_url: str) -> None:
     with postgres_store(postgres_url) as (store, _):
         assert store.claim("c1", FP, now=T0, lease_s=LEASE).state is ClaimState.NEW
-        assert store._conn is not None
-        pid = store._conn.info.backend_pid
+        with store._connection() as a, store._connection() as b:  # two pooled connections
+            pids = [a.info.backend_pid, b.info.backend_pid]
         with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
-        with pytest.raises(StoreError):
-            store.ping()
-        # The next call opens a new connection; nothing was lost.
+            for pid in pids:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        failures = 0
+        for _ in range(POOL_SIZE + 2):  # each dead connection fails one call, then is dropped
+            try:
+                store.ping()
+                break
+            except StoreError:
+                failures += 1
+        assert 1 <= failures <= POOL_SIZE
+        # New connections are opened; nothing was lost.
         assert store.claim("c1", FP, now=T0 + 1, lease_s=LEASE).state is ClaimState.BUSY
+
+
+def test_postgres_serves_threads_on_more_than_one_connection(postgres_url: str) -> None:
+    """A connection held by one thread (a slow statement) does not hold up the others."""
+    with postgres_store(postgres_url) as (store, _):
+        store.ping()
+        with store._connection() as held:
+            held.execute("SELECT 1").fetchone()
+            done = threading.Event()
+
+            def claim() -> None:
+                store.claim("c1", FP, now=T0, lease_s=LEASE)
+                done.set()
+
+            threading.Thread(target=claim, daemon=True).start()
+            assert done.wait(10), "a second thread waited for the held connection"
+            pids = {held.info.backend_pid}
+        with store._connection() as a, store._connection() as b:
+            pids |= {a.info.backend_pid, b.info.backend_pid}
+        assert len(pids) >= 2
 
 
 def test_postgres_table_matches_the_sqlite_columns(postgres_url: str) -> None:

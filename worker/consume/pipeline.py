@@ -37,8 +37,16 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from worker.adapters.store.base import RETENTION_S, CallRef, Claim, ClaimState, SendState, Store
-from worker.consume.circuit import CircuitBreaker
+from worker.adapters.store.base import (
+    RETENTION_S,
+    CallRef,
+    Claim,
+    ClaimState,
+    Send,
+    SendState,
+    Store,
+)
+from worker.consume.circuit import CircuitBreaker, CircuitState
 from worker.consume.leases import LeaseKeeper
 from worker.consume.ratelimit import FleetRateLimit
 from worker.contract import headers as hdr
@@ -395,13 +403,13 @@ class Processor:
         # (recorded when the claim is ours), unless it is already done or in conflict.
         poison = _poison(prepared, self._policy.delivery_limit)
         claimed = self._claim(prepared, poison)
-        if not isinstance(claimed, Claim):
+        if not isinstance(claimed, tuple):
             return claimed
-        claim, now, command_id = claimed, self._clock(), prepared.command_id
+        (claim, sent), now, command_id = claimed, self._clock(), prepared.command_id
         if claim.state is ClaimState.DONE and self._replayed_after(prepared, claim):
             claim = self._durably(
                 lambda: self._store.reopen(
-                    command_id, claimed.outcome or b"", now=now, lease_s=self._policy.lease_s
+                    command_id, claim.outcome or b"", now=now, lease_s=self._policy.lease_s
                 )
             )
         match claim.state:
@@ -423,19 +431,38 @@ class Processor:
         if poison is not None:
             return self._record(prepared, token, *poison, claim.attempts)
         with self._leases.holding(command_id, token):
-            return self._send(prepared, claim, token, now)
+            return self._send(prepared, claim, token, now, sent)
 
-    def _claim(self, prepared: Valid, poison: _Ending | None) -> Claim | Decision:
-        """Claim the command; while the store is down, wait for it (a poisoned one ends)."""
+    def _claim(
+        self, prepared: Valid, poison: _Ending | None
+    ) -> tuple[Claim, Send | None] | Decision:
+        """Claim the command; while the store is down, wait for it (a poisoned one ends).
+
+        When nothing has to happen between the claim and marking the first request sent
+        (:meth:`_sends_at_once`), both are one store step and the send comes back with it.
+        """
+        call = self._sends_at_once(prepared, poison)
         while True:
+            now = self._clock()
             try:
-                claim = self._store.claim(
-                    prepared.command_id,
-                    prepared.fingerprint,
-                    now=self._clock(),
-                    lease_s=self._policy.lease_s,
-                    token=prepared.claim_token,
-                )
+                if call is not None:
+                    claimed = self._store.claim_and_send(
+                        prepared.command_id,
+                        prepared.fingerprint,
+                        call,
+                        now=now,
+                        lease_s=self._policy.lease_s,
+                        token=prepared.claim_token,
+                    )
+                else:
+                    claim = self._store.claim(
+                        prepared.command_id,
+                        prepared.fingerprint,
+                        now=now,
+                        lease_s=self._policy.lease_s,
+                        token=prepared.claim_token,
+                    )
+                    claimed = (claim, None)
             except StoreError as exc:
                 self.store_breaker.failure()
                 if poison is not None:
@@ -445,7 +472,27 @@ class Processor:
                     raise
                 continue
             self.store_breaker.success()
-            return claim
+            return claimed
+
+    def _sends_at_once(self, prepared: Valid, poison: _Ending | None) -> CallRef | None:
+        """The call to mark sent together with the claim, or None to claim alone.
+
+        Only when the first request would go out right after the claim: not poisoned, no
+        rate limit slot to wait for, the target's circuit closed, and a deadline and issue
+        order that do not depend on when the command was first seen, with time left.
+        """
+        command = prepared.command
+        if poison is not None or self._pace.limits(command.pabx) or self.stopping.is_set():
+            return None
+        if self.breakers[command.pabx].state is not CircuitState.CLOSED:
+            return None
+        issued = command.issued_at or prepared.delivery.timestamp
+        if issued is None:
+            return None
+        deadline = self._deadline(command, prepared.delivery, 0.0)
+        if self._clock() >= deadline:
+            return None
+        return CallRef(prepared.call_key, issued.timestamp())
 
     @staticmethod
     def _replayed_after(prepared: Valid, claim: Claim) -> bool:
@@ -485,7 +532,9 @@ class Processor:
         order = issued.timestamp() if issued is not None else first_seen
         return CallRef(prepared.call_key, order)
 
-    def _send(self, prepared: Valid, claim: Claim, token: str, now: float) -> Decision:
+    def _send(
+        self, prepared: Valid, claim: Claim, token: str, now: float, sent: Send | None = None
+    ) -> Decision:
         deadline = self._deadline(prepared.command, prepared.delivery, claim.first_seen)
         if now >= deadline:
             return self._record(
@@ -499,6 +548,7 @@ class Processor:
         attempt = _Attempt(self, prepared, token, self._call(prepared, claim.first_seen))
         attempt.attempts = claim.attempts
         attempt.deadline = deadline
+        attempt.sent = sent
         retrying = Retrying(
             stop=stop_after_attempt(self._policy.in_process_attempts)
             | stop_before_delay(max(deadline - now, 0.0)),
@@ -709,13 +759,16 @@ class _Attempt:
         self.call = call
         self.attempts = 0
         self.deadline = 0.0
+        #: The first request's mark, when the claim made it (no rate limit to wait for).
+        self.sent: Send | None = None
 
     def __call__(self) -> int:
         p = self.p
         if not p.breakers[self.target_name].allow():
             raise CircuitOpen("not sent: the PABX target's circuit breaker is open")
         with self._probe_returned_unless_sent():
-            self._wait_for_slot()
+            if self.sent is None:
+                self._wait_for_slot()
             self._mark_sent()
             if p._clock() >= self.deadline:  # a store step may have waited out the deadline
                 raise _PastDeadline("the deadline passed before the request could go out")
@@ -748,15 +801,17 @@ class _Attempt:
         # Another worker's request is bounded by request_s; wait about that long in process.
         give_up_at = p._clock() + p._policy.request_s + 1.0
         while True:
-            sent = p._durably(
-                lambda: p._store.mark_sent(
-                    self.command_id,
-                    self.token,
-                    self.call,
-                    now=p._clock(),
-                    lease_s=p._policy.lease_s,
+            sent, self.sent = self.sent, None  # marked with the claim: the first time only
+            if sent is None:
+                sent = p._durably(
+                    lambda: p._store.mark_sent(
+                        self.command_id,
+                        self.token,
+                        self.call,
+                        now=p._clock(),
+                        lease_s=p._policy.lease_s,
+                    )
                 )
-            )
             now = p._clock()
             match sent.state:
                 case SendState.SENT:

@@ -34,6 +34,10 @@ class FleetRateLimit:
         }
         self._sleep = sleep
 
+    def limits(self, target: str) -> bool:
+        """Whether ``target`` has a rate limit (requests wait for a slot)."""
+        return target in self._intervals
+
     def reserve(self, target: str) -> float:
         """Reserve the next slot for ``target``; seconds until it (0 for an unlimited target)."""
         interval = self._intervals.get(target)

@@ -35,6 +35,12 @@ than that one is ``SUPERSEDED``; another command holding the call makes it
 spaced ``interval_s`` apart on the store's clock (one shared schedule for every
 worker using the store) and returns how long the caller must wait for its slot.
 
+**One round trip for the common case.** ``claim_and_send`` is ``claim`` followed,
+when the claim takes the lease (``NEW`` or ``TAKEOVER``), by ``mark_sent`` with the new
+token, in one atomic step of the backend (one transaction, one script). The pipeline
+uses it when nothing has to happen between the two: no rate limit to wait for, no
+deadline in doubt, a closed circuit.
+
 ``reopen`` takes a finished command back (an operator replays it): the outcome
 is cleared and the caller holds a fresh lease, attempts kept, exactly as if it
 had claimed it ``NEW``; the next ``record`` stores the new outcome.
@@ -46,7 +52,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-__all__ = ["RETENTION_S", "CallRef", "Claim", "ClaimState", "Send", "SendState", "Store"]
+__all__ = [
+    "RETENTION_S",
+    "TAKEN",
+    "CallRef",
+    "Claim",
+    "ClaimState",
+    "Send",
+    "SendState",
+    "Store",
+    "claim_then_send",
+]
 
 #: How long records are kept before purge may drop them (SPEC §5: at least 24 h).
 RETENTION_S = 48 * 3600.0
@@ -106,6 +122,10 @@ class Claim:
     lease_until: float | None = None
 
 
+#: Claim states that hand the caller the lease.
+TAKEN = frozenset({ClaimState.NEW, ClaimState.TAKEOVER})
+
+
 class Store(Protocol):
     """Durable idempotency records; every method raises StoreError when the backend fails."""
 
@@ -125,6 +145,21 @@ class Store(Protocol):
         outage) takes the lease again (``NEW``, attempts kept) instead of finding it
         ``BUSY``.
         """
+        ...
+
+    def claim_and_send(
+        self,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef | None,
+        *,
+        now: float,
+        lease_s: float,
+        token: str,
+    ) -> tuple[Claim, Send | None]:
+        """:meth:`claim`, then, if that took the lease (``NEW``/``TAKEOVER``), :meth:`mark_sent`
+        with ``token`` and ``call``, as one atomic step; the send is None when the claim did
+        not take the lease. Whatever the send finds, the claim stands (the lease is held)."""
         ...
 
     def mark_sent(
@@ -204,3 +239,23 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def claim_then_send(
+    store: Store,
+    command_id: str,
+    fingerprint: str,
+    call: CallRef | None,
+    *,
+    now: float,
+    lease_s: float,
+    token: str,
+) -> tuple[Claim, Send | None]:
+    """:meth:`Store.claim_and_send` as two calls, for a backend without round trips to save.
+
+    Same answers: a lease just taken cannot be lost between the two calls.
+    """
+    claim = store.claim(command_id, fingerprint, now=now, lease_s=lease_s, token=token)
+    if claim.state not in TAKEN:
+        return claim, None
+    return claim, store.mark_sent(command_id, token, call, now=now, lease_s=lease_s)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState
+from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState, claim_then_send
 
 __all__ = ["MemoryStore"]
 
@@ -65,6 +65,20 @@ class MemoryStore:
             if record.fingerprint != fingerprint:
                 return Claim(ClaimState.CONFLICT, record.first_seen, record.attempts)
             return self._claim_existing(record, now, lease_s, token)
+
+    def claim_and_send(
+        self,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef | None,
+        *,
+        now: float,
+        lease_s: float,
+        token: str,
+    ) -> tuple[Claim, Send | None]:
+        return claim_then_send(
+            self, command_id, fingerprint, call, now=now, lease_s=lease_s, token=token
+        )
 
     def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
         with self._lock:

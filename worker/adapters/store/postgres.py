@@ -1,21 +1,19 @@
 """PostgreSQL idempotency store (psycopg 3), for several hosts sharing one database.
 
-Connection model: ONE connection per store (per process), in autocommit mode, used
-under a lock. The worker calls the store from up to 32 threads, but every call is one
-to three short statements on one or two rows by primary key (well under a millisecond
-on a LAN), while each command then waits on the PABX over HTTP for tens or hundreds of
-milliseconds: the lock is never the bottleneck. In exchange the connection count is
-fixed (one per worker process, whatever the thread count, against PostgreSQL's
-``max_connections``), nothing leaks when threads come and go, and reconnecting is a
-single, lock-protected decision. (``psycopg_pool`` is not available; thread-local
-connections would need per-thread bookkeeping to close them and could open 32 per
-process.) Socket timeouts (``connect_timeout``, ``tcp_user_timeout``, keepalives) and
-``statement_timeout`` bound how long one call can hold the lock.
+Connection model: a small pool (``psycopg_pool``, at most :data:`POOL_SIZE` connections per
+store, i.e. per process, opened as needed), in autocommit mode. Every call is one to three
+short statements on one or two rows by primary key, so a few connections serve the
+worker's 32 threads: one connection under a lock capped a process at about one round trip
+at a time (some 250 commands/s on a loopback server), while the connection count stays
+bounded against PostgreSQL's ``max_connections``. Socket timeouts (``connect_timeout``,
+``tcp_user_timeout``, keepalives) and ``statement_timeout`` bound how long one call can
+hold a connection; waiting for a free one is bounded by ``connect_timeout`` too.
 
 Lost connection: the call that meets it raises :class:`~worker.contract.errors.StoreError`
-(the command is left for redelivery) and drops the connection; the next call opens a
-new one, so a restarted PostgreSQL is survived without restarting the worker. The
-store connects lazily: the constructor does no I/O; :meth:`PostgresStore.ping` checks.
+(the command waits or is left for redelivery) and the pool drops that connection; the
+next call gets another or a new one, so a restarted PostgreSQL is survived without
+restarting the worker. The store connects lazily: the constructor does no I/O;
+:meth:`PostgresStore.ping` checks.
 
 Tables: ``{table}`` (one row per command id; ``call_key`` names the call the command
 holds or held), ``{table}_calls`` (the per-call record: ``holder``, ``holder_until``,
@@ -74,13 +72,17 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg_pool import ConnectionPool
 
 from worker.adapters.store import redact_url
-from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState
+from worker.adapters.store.base import TAKEN, CallRef, Claim, ClaimState, Send, SendState
 from worker.contract.errors import ConfigurationError, StoreError
 from worker.logs import redact_message
 
-__all__ = ["PostgresStore"]
+__all__ = ["POOL_SIZE", "PostgresStore"]
+
+#: Most connections one store (one worker process) opens.
+POOL_SIZE = 4
 
 _TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,50}")
 
@@ -267,7 +269,7 @@ def _label(url: str) -> str:
 
 
 class PostgresStore:
-    """:class:`~worker.adapters.store.base.Store` on PostgreSQL: one connection for all threads."""
+    """:class:`~worker.adapters.store.base.Store` on PostgreSQL: a few pooled connections."""
 
     def __init__(
         self,
@@ -276,6 +278,7 @@ class PostgresStore:
         table: str = "pabx_commands",
         connect_timeout: int = 5,
         statement_timeout_ms: int = 10_000,
+        pool_size: int = POOL_SIZE,
     ) -> None:
         if not _TABLE_NAME.fullmatch(table):
             raise StoreError(f"PostgreSQL store: invalid table name {table!r}")
@@ -294,7 +297,17 @@ class PostgresStore:
             "application_name": "pabx-worker",
         }
         self._lock = threading.Lock()
-        self._conn: Connection | None = None
+        self._pool: ConnectionPool[Connection] = ConnectionPool(
+            url,
+            kwargs=self._connect_args,
+            min_size=1,
+            max_size=max(1, pool_size),
+            open=False,
+            timeout=float(connect_timeout),
+            num_workers=1,
+            name=f"pabx-store-{table}",
+        )
+        self._opened = False
         self._schema_ready = False
         self._closed = False
         ident = sql.Identifier(table)
@@ -342,13 +355,20 @@ class PostgresStore:
         message = redact_message(message, self._secrets)  # never substrings of other words
         return StoreError(f"PostgreSQL store {self._label}: {message}")
 
-    def _connect(self) -> Connection:
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return self._conn
-        self._drop()
-        conn = psycopg.connect(self._url, **self._connect_args)
-        self._conn = conn
-        if not self._schema_ready:
+    def _open(self) -> ConnectionPool[Connection]:
+        if not self._opened:
+            with self._lock:
+                if self._closed:
+                    raise self._error("the store is closed")
+                if not self._opened:
+                    self._pool.open(wait=False)
+                    self._opened = True
+        return self._pool
+
+    def _create_schema(self, conn: Connection) -> None:
+        with self._lock:
+            if self._schema_ready:
+                return
             with conn.transaction():
                 # Concurrent CREATE TABLE IF NOT EXISTS can still collide: serialise it.
                 conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
@@ -356,26 +376,18 @@ class PostgresStore:
                 if conn.execute(_HAS_CALL_KEY, (self._table,)).fetchone() is None:
                     conn.execute(self._add_call_key)  # a table from before the call record
             self._schema_ready = True
-        return conn
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with suppress(psycopg.Error):
-                conn.close()
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
-        with self._lock:
-            if self._closed:
-                raise self._error("the store is closed")
-            try:
-                yield self._connect()
-            except psycopg.Error as exc:
-                conn = self._conn
-                if conn is None or conn.closed or conn.broken or not self._schema_ready:
-                    self._drop()
-                raise self._error(f"{type(exc).__name__}: {exc}") from exc
+        if self._closed:
+            raise self._error("the store is closed")
+        try:
+            with self._open().connection() as conn:
+                if not self._schema_ready:
+                    self._create_schema(conn)
+                yield conn
+        except psycopg.Error as exc:  # a broken connection is dropped by the pool
+            raise self._error(f"{type(exc).__name__}: {exc}") from exc
 
     # -- the contract ---------------------------------------------------------------
 
@@ -389,21 +401,31 @@ class PostgresStore:
         token: str | None = None,
     ) -> Claim:
         token = token or uuid.uuid4().hex
-        lease_until = now + lease_s
         with self._connection() as conn:
-            for _ in range(3):
-                inserted = conn.execute(
-                    self._insert, (command_id, fingerprint, now, now, token, lease_until)
-                ).rowcount
-                if inserted == 1:
-                    return Claim(ClaimState.NEW, now, 0, token)
-                with conn.transaction():
-                    row = conn.execute(self._select_for_update, (command_id,)).fetchone()
-                    if row is not None:
-                        return self._claim_existing(
-                            conn, row, command_id, fingerprint, token, now, lease_until
-                        )
-                # Purged between the INSERT and the SELECT: try again.
+            return self._claim_on(conn, command_id, fingerprint, token, now, now + lease_s)
+
+    def _claim_on(
+        self,
+        conn: Connection,
+        command_id: str,
+        fingerprint: str,
+        token: str,
+        now: float,
+        lease_until: float,
+    ) -> Claim:
+        for _ in range(3):
+            inserted = conn.execute(
+                self._insert, (command_id, fingerprint, now, now, token, lease_until)
+            ).rowcount
+            if inserted == 1:
+                return Claim(ClaimState.NEW, now, 0, token)
+            with conn.transaction():
+                row = conn.execute(self._select_for_update, (command_id,)).fetchone()
+                if row is not None:
+                    return self._claim_existing(
+                        conn, row, command_id, fingerprint, token, now, lease_until
+                    )
+            # Purged between the INSERT and the SELECT: try again.
         raise self._error(f"claim {command_id!r}: the record kept vanishing")
 
     def _claim_existing(
@@ -428,6 +450,25 @@ class PostgresStore:
         kind = ClaimState.TAKEOVER if state == "sent" and not mine else ClaimState.NEW
         return Claim(kind, first_seen, attempts, token)
 
+    def claim_and_send(
+        self,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef | None,
+        *,
+        now: float,
+        lease_s: float,
+        token: str,
+    ) -> tuple[Claim, Send | None]:
+        # Two statements, each atomic, on one connection: a lease just taken cannot be lost
+        # in between, so this answers as claim + mark_sent would, without a transaction's
+        # extra round trips.
+        with self._connection() as conn:
+            claim = self._claim_on(conn, command_id, fingerprint, token, now, now + lease_s)
+            if claim.state not in TAKEN:
+                return claim, None
+            return claim, self._mark_sent_on(conn, command_id, token, call, now, lease_s)
+
     def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
         token = uuid.uuid4().hex
         lease_until = now + lease_s
@@ -446,27 +487,37 @@ class PostgresStore:
     def mark_sent(
         self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
     ) -> Send:
+        with self._connection() as conn:
+            return self._mark_sent_on(conn, command_id, token, call, now, lease_s)
+
+    def _mark_sent_on(
+        self,
+        conn: Connection,
+        command_id: str,
+        token: str,
+        call: CallRef | None,
+        now: float,
+        lease_s: float,
+    ) -> Send:
         params: dict[str, Any] = {"id": command_id, "token": token, "now": now}
         params["until"] = now + lease_s
         if call is None:
-            with self._connection() as conn:
-                row = conn.execute(self._mark_sent_sql, params).fetchone()
+            row = conn.execute(self._mark_sent_sql, params).fetchone()
             return Send(SendState.LEASE_LOST) if row is None else Send(SendState.SENT, row[0])
         params.update(key=call.key, order=call.order)
-        with self._connection() as conn:
-            for _ in range(3):
-                row = _one_row(conn.execute(self._mark_sent_call_sql, params).fetchone())
-                held, attempts, holder_until, newest, newest_order, holder = row
-                if not held:
-                    return Send(SendState.LEASE_LOST)
-                if attempts is not None:
-                    return Send(SendState.SENT, attempts)
-                if newest not in (None, command_id) and newest_order > call.order:
-                    return Send(SendState.SUPERSEDED, newer=newest)
-                if holder not in (None, command_id) and holder_until > now:
-                    return Send(SendState.CALL_BUSY, busy_until=holder_until)
-                # Refused on a call row a concurrent first send created after this
-                # statement's snapshot: nothing changed; now the row is visible.
+        for _ in range(3):
+            row = _one_row(conn.execute(self._mark_sent_call_sql, params).fetchone())
+            held, attempts, holder_until, newest, newest_order, holder = row
+            if not held:
+                return Send(SendState.LEASE_LOST)
+            if attempts is not None:
+                return Send(SendState.SENT, attempts)
+            if newest not in (None, command_id) and newest_order > call.order:
+                return Send(SendState.SUPERSEDED, newer=newest)
+            if holder not in (None, command_id) and holder_until > now:
+                return Send(SendState.CALL_BUSY, busy_until=holder_until)
+            # Refused on a call row a concurrent first send created after this
+            # statement's snapshot: nothing changed; now the row is visible.
         raise self._error(f"mark_sent {command_id!r}: the call record kept changing")
 
     def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
@@ -514,7 +565,9 @@ class PostgresStore:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            self._drop()
+            opened, self._opened = self._opened, False
+        if opened:
+            self._pool.close()
 
 
 def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:

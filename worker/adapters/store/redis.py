@@ -17,7 +17,8 @@ Atomicity: each method is a single ``EVALSHA`` (``register_script``), and Redis 
 a script to completion before any other command, so many threads and many processes
 can claim the same id and exactly one gets ``NEW``. ``mark_sent`` checks the token,
 checks and takes the call hash and counts the attempt in one script (both keys in
-``KEYS``). ``renew``, ``record`` and ``release`` are not given the call key: their
+``KEYS``); ``claim_and_send`` runs the claim and, when it took the lease, that same
+step, in one script. ``renew``, ``record`` and ``release`` are not given the call key: their
 scripts read ``call_key`` from the command hash and build the call hash's name from
 the call prefix passed in ``ARGV``. Touching a key not declared in ``KEYS`` is fine
 on a single Redis (and with replicas), not on Redis Cluster, which this store does
@@ -145,39 +146,60 @@ end
     + _CLAIM_EXISTING
 )
 
-# KEYS[1] record, KEYS[2] call hash (absent without a call); ARGV token, now, lease_until,
-# ttl_s, command_id, send_id, call_key, order. Returns {'sent', attempts},
-# {'lease_lost'}, {'superseded', newer} or {'call_busy', holder_until}.
-_MARK_SENT = """
-local rec = redis.call('HMGET', KEYS[1], 'token', 'outcome', 'send_id', 'attempts')
-if rec[1] ~= ARGV[1] or rec[2] then
-  return {'lease_lost'}
-end
-if rec[3] == ARGV[6] then
-  return {'sent', tonumber(rec[4])}
-end
-if KEYS[2] then
-  local call = redis.call('HMGET', KEYS[2], 'holder', 'holder_until', 'newest', 'newest_order')
-  local order = tonumber(ARGV[8])
-  if call[3] and call[3] ~= ARGV[5] and tonumber(call[4]) > order then
-    return {'superseded', call[3]}
+# The mark_sent step; A = {token, now, lease_until, ttl_s, command_id, send_id, call_key,
+# order}, KEYS[1] record, KEYS[2] call hash (absent without a call). Returns {'sent',
+# attempts}, {'lease_lost'}, {'superseded', newer} or {'call_busy', holder_until}.
+_MARK_STEP = """
+local function mark_sent(A)
+  local rec = redis.call('HMGET', KEYS[1], 'token', 'outcome', 'send_id', 'attempts')
+  if rec[1] ~= A[1] or rec[2] then
+    return {'lease_lost'}
   end
-  if call[1] and call[1] ~= ARGV[5] and tonumber(call[2]) > tonumber(ARGV[2]) then
-    return {'call_busy', call[2]}
+  if rec[3] == A[6] then
+    return {'sent', tonumber(rec[4])}
   end
-  redis.call('HSET', KEYS[2], 'holder', ARGV[5], 'holder_until', ARGV[3], 'updated_at', ARGV[2])
-  if not call[3] or order >= tonumber(call[4]) then
-    redis.call('HSET', KEYS[2], 'newest', ARGV[5], 'newest_order', ARGV[8])
+  if KEYS[2] then
+    local call = redis.call('HMGET', KEYS[2], 'holder', 'holder_until', 'newest', 'newest_order')
+    local order = tonumber(A[8])
+    if call[3] and call[3] ~= A[5] and tonumber(call[4]) > order then
+      return {'superseded', call[3]}
+    end
+    if call[1] and call[1] ~= A[5] and tonumber(call[2]) > tonumber(A[2]) then
+      return {'call_busy', call[2]}
+    end
+    redis.call('HSET', KEYS[2], 'holder', A[5], 'holder_until', A[3], 'updated_at', A[2])
+    if not call[3] or order >= tonumber(call[4]) then
+      redis.call('HSET', KEYS[2], 'newest', A[5], 'newest_order', A[8])
+    end
+    redis.call('EXPIRE', KEYS[2], A[4])
+    redis.call('HSET', KEYS[1], 'call_key', A[7])
   end
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  redis.call('HSET', KEYS[1], 'call_key', ARGV[7])
+  local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'state', 'sent', 'lease_until', A[3], 'updated_at', A[2],
+             'send_id', A[6])
+  redis.call('EXPIRE', KEYS[1], A[4])
+  return {'sent', attempts}
 end
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'state', 'sent', 'lease_until', ARGV[3], 'updated_at', ARGV[2],
-           'send_id', ARGV[6])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {'sent', attempts}
 """
+
+# ARGV token, now, lease_until, ttl_s, command_id, send_id, call_key, order.
+_MARK_SENT = _MARK_STEP + "return mark_sent(ARGV)\n"
+
+# KEYS as _MARK_SENT; ARGV as _CLAIM, then command_id, send_id, call_key, order. The claim's
+# reply, then, when it took the lease, the mark_sent step's reply after it.
+_CLAIM_AND_SEND = (
+    _MARK_STEP
+    + "local function claim()\n"
+    + _CLAIM
+    + """end
+local c = claim()
+if c[1] ~= 'new' and c[1] ~= 'takeover' then
+  return c
+end
+local s = mark_sent({ARGV[4], ARGV[2], ARGV[3], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]})
+return {c[1], c[2], c[3], c[4], s[1], s[2]}
+"""
+)
 
 # Shared by _RENEW, _RECORD and _RELEASE: ``rec[4]`` is the record's call_key; ARGV[3] now,
 # ARGV[4] ttl_s, ARGV[5] command_id, ARGV[6] the call hashes' prefix. The call hash is
@@ -305,6 +327,7 @@ class RedisStore:
         self._claim = client.register_script(_CLAIM)
         self._reopen = client.register_script(_REOPEN)
         self._mark_sent = client.register_script(_MARK_SENT)
+        self._claim_and_send = client.register_script(_CLAIM_AND_SEND)
         self._renew = client.register_script(_RENEW)
         self._record = client.register_script(_RECORD)
         self._release = client.register_script(_RELEASE)
@@ -380,32 +403,57 @@ class RedisStore:
         )
         return _claim_from(reply, token)
 
+    def claim_and_send(
+        self,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef | None,
+        *,
+        now: float,
+        lease_s: float,
+        token: str,
+    ) -> tuple[Claim, Send | None]:
+        reply = self._eval(
+            self._claim_and_send,
+            self._send_keys(command_id, call),
+            fingerprint,
+            _num(now),
+            _num(now + lease_s),
+            token,
+            self._ttl,
+            *self._send_args(command_id, call),
+        )
+        claim = _claim_from(reply[:4], token)
+        return claim, (_send_from(reply[4:]) if len(reply) > 4 else None)
+
     def mark_sent(
         self, command_id: str, token: str, call: CallRef | None, *, now: float, lease_s: float
     ) -> Send:
-        keys = [self._key(command_id)]
-        if call is not None:
-            keys.append(self._call_key(call.key))
         reply = self._eval(
             self._mark_sent,
-            keys,
+            self._send_keys(command_id, call),
             token,
             _num(now),
             _num(now + lease_s),
             self._ttl,
+            *self._send_args(command_id, call),
+        )
+        return _send_from(reply)
+
+    def _send_keys(self, command_id: str, call: CallRef | None) -> list[str]:
+        keys = [self._key(command_id)]
+        if call is not None:
+            keys.append(self._call_key(call.key))
+        return keys
+
+    @staticmethod
+    def _send_args(command_id: str, call: CallRef | None) -> tuple[str, ...]:
+        return (
             command_id,
             uuid.uuid4().hex,  # this send's id: a replay by the client's retry is recognised
             call.key if call is not None else "",
             _num(call.order if call is not None else 0.0),
         )
-        match bytes(reply[0]):
-            case b"sent":
-                return Send(SendState.SENT, int(reply[1]))
-            case b"superseded":
-                return Send(SendState.SUPERSEDED, newer=bytes(reply[1]).decode())
-            case b"call_busy":
-                return Send(SendState.CALL_BUSY, busy_until=float(reply[1]))
-        return Send(SendState.LEASE_LOST)
 
     def renew(self, command_id: str, token: str, *, now: float, lease_s: float) -> bool:
         reply = self._run(
@@ -487,6 +535,18 @@ def _claim_from(reply: Any, token: str) -> Claim:
     if kind is ClaimState.CONFLICT:
         return Claim(kind, first_seen, attempts)
     return Claim(kind, first_seen, attempts, token)
+
+
+def _send_from(reply: Any) -> Send:
+    """The Send a mark_sent step's reply ``{state, detail}`` means."""
+    match bytes(reply[0]):
+        case b"sent":
+            return Send(SendState.SENT, int(reply[1]))
+        case b"superseded":
+            return Send(SendState.SUPERSEDED, newer=bytes(reply[1]).decode())
+        case b"call_busy":
+            return Send(SendState.CALL_BUSY, busy_until=float(reply[1]))
+    return Send(SendState.LEASE_LOST)
 
 
 def _scrub(message: str, secrets: tuple[str, ...]) -> str:

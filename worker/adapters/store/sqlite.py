@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from worker.adapters.store.base import CallRef, Claim, ClaimState, Send, SendState
+from worker.adapters.store.base import TAKEN, CallRef, Claim, ClaimState, Send, SendState
 from worker.contract.errors import StoreError
 
 __all__ = ["SqliteStore"]
@@ -141,21 +141,50 @@ class SqliteStore:
         if inserted == 1:
             return Claim(ClaimState.NEW, now, 0, token)
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
-                " FROM pabx_commands WHERE command_id = ?",
-                (command_id,),
-            ).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
-                    " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)",
-                    (command_id, fingerprint, now, now, token, now + lease_s),
-                )
-                return Claim(ClaimState.NEW, now, 0, token)
-            if row[0] != fingerprint:
-                return Claim(ClaimState.CONFLICT, row[1], row[4])
-            return self._claim_existing(db, row, command_id, token, now, lease_s)
+            return self._claim_in(db, command_id, fingerprint, token, now, lease_s)
+
+    def claim_and_send(
+        self,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef | None,
+        *,
+        now: float,
+        lease_s: float,
+        token: str,
+    ) -> tuple[Claim, Send | None]:
+        with self._transaction() as db:  # one write transaction for both steps
+            claim = self._claim_in(db, command_id, fingerprint, token, now, lease_s)
+            if claim.state not in TAKEN:
+                return claim, None
+            return claim, self._mark_in(db, command_id, token, call, now, lease_s, held=True)
+
+    def _claim_in(
+        self,
+        db: sqlite3.Connection,
+        command_id: str,
+        fingerprint: str,
+        token: str,
+        now: float,
+        lease_s: float,
+    ) -> Claim:
+        """The claim, inside a transaction."""
+        inserted = db.execute(
+            "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
+            " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
+            " ON CONFLICT (command_id) DO NOTHING",
+            (command_id, fingerprint, now, now, token, now + lease_s),
+        ).rowcount
+        if inserted == 1:
+            return Claim(ClaimState.NEW, now, 0, token)
+        row = db.execute(
+            "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
+            " FROM pabx_commands WHERE command_id = ?",
+            (command_id,),
+        ).fetchone()
+        if row[0] != fingerprint:
+            return Claim(ClaimState.CONFLICT, row[1], row[4])
+        return self._claim_existing(db, row, command_id, token, now, lease_s)
 
     def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
         token = uuid.uuid4().hex
@@ -214,23 +243,39 @@ class SqliteStore:
                 ).fetchall()  # drained: the statement (and its autocommit) is finished
             return Send(SendState.SENT, rows[0][0]) if rows else Send(SendState.LEASE_LOST)
         with self._transaction() as db:
-            held = db.execute(
+            return self._mark_in(db, command_id, token, call, now, lease_s)
+
+    def _mark_in(
+        self,
+        db: sqlite3.Connection,
+        command_id: str,
+        token: str,
+        call: CallRef | None,
+        now: float,
+        lease_s: float,
+        *,
+        held: bool = False,
+    ) -> Send:
+        """``mark_sent`` inside a transaction; ``held``: the lease was taken in this one."""
+        if not held:
+            row = db.execute(
                 "SELECT 1 FROM pabx_commands"
                 " WHERE command_id = ? AND token = ? AND outcome IS NULL",
                 (command_id, token),
             ).fetchone()
-            if held is None:
+            if row is None:
                 return Send(SendState.LEASE_LOST)
+        if call is not None:
             refused = self._take_call(db, command_id, call, now, now + lease_s)
             if refused is not None:
                 return refused
-            (attempts,) = db.execute(
-                "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
-                " lease_until = ?, updated_at = ?, call_key = ? WHERE command_id = ?"
-                " RETURNING attempts",
-                (now + lease_s, now, call.key, command_id),
-            ).fetchall()[0]
-            return Send(SendState.SENT, attempts)
+        (attempts,) = db.execute(
+            "UPDATE pabx_commands SET state = 'sent', attempts = attempts + 1,"
+            " lease_until = ?, updated_at = ?, call_key = coalesce(?, call_key)"
+            " WHERE command_id = ? RETURNING attempts",
+            (now + lease_s, now, call.key if call else None, command_id),
+        ).fetchall()[0]
+        return Send(SendState.SENT, attempts)
 
     @staticmethod
     def _take_call(
