@@ -647,3 +647,61 @@ def test_producer_not_listed_for_the_target_is_rejected_and_nothing_sent(
 
 def test_targets_without_a_producer_list_accept_anyone(clock: Clock) -> None:
     assert run(make(FakePabx(), clock), delivery(user_id="anyone")).status is Status.ACCEPTED
+
+
+class _Steps(MemoryStore):
+    """Records which store step marked each request sent."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock=clock)
+        self.steps: list[str] = []
+
+    def claim_and_send(self, *args: Any, **kwargs: Any) -> tuple[Any, Send | None]:
+        self.steps.append("claim_and_send")
+        return super().claim_and_send(*args, **kwargs)
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.steps.append("claim")
+        return super().claim(*args, **kwargs)
+
+    def mark_sent(self, *args: Any, **kwargs: Any) -> Send:
+        self.steps.append("mark_sent")
+        return super().mark_sent(*args, **kwargs)
+
+
+def test_claim_and_first_mark_are_one_store_step_when_nothing_comes_between(
+    clock: Clock,
+) -> None:
+    store = _Steps(clock)
+    pabx = FakePabx()
+    decision = run(make(pabx, clock, store), delivery(command(issued_at=_at(-1))))
+    assert isinstance(decision, Finish) and decision.status is Status.ACCEPTED
+    assert event(decision).data.attempts == 1 and len(pabx.requests) == 1
+    # claim_and_send runs claim + mark_sent (the memory store's two-call form) and no more.
+    assert store.steps == ["claim_and_send", "claim", "mark_sent"]
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["rate limit", "no issue time", "half-open circuit", "past the deadline", "poisoned"],
+)
+def test_claim_stays_alone_when_something_comes_before_the_mark(clock: Clock, why: str) -> None:
+    store = _Steps(clock)
+    target, props, body = TARGET, {}, command(issued_at=_at(-1))
+    if why == "rate limit":
+        target = TARGET.model_copy(update={"rate_limit": 5.0})
+    elif why == "no issue time":
+        body = command()
+    elif why == "past the deadline":
+        body = command(issued_at=_at(-1), expires_at=_at(-0.5))
+    elif why == "poisoned":
+        props = {"delivery_count": 50}
+    processor = make(FakePabx(), clock, store, targets={"default": target})
+    if why == "half-open circuit":
+        breaker = CircuitBreaker(threshold=1, reset_s=1.0, clock=clock)
+        breaker.failure()
+        clock.now += 2  # open → half-open after reset_s
+        assert breaker.state is CircuitState.HALF_OPEN
+        processor.breakers["default"] = breaker
+    run(processor, delivery(body, **props))
+    assert "claim_and_send" not in store.steps and store.steps[0] == "claim"
