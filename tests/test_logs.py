@@ -216,3 +216,14 @@ def test_text_format_shows_extra_fields(out: io.StringIO) -> None:
     line = out.getvalue()
     assert "WARNING pabx_worker.test using cmd-45678" in line
     assert f'ID_CHAMADA="{ID_CHAMADA}"' in line
+
+
+def test_every_secret_field_is_found_by_the_quick_scan() -> None:
+    """redact_text skips text without a clue word: every secret name must contain one."""
+    from worker.logs import _CLUES, _SECRET_SUFFIXES, SECRET_FIELDS
+
+    names = [*SECRET_FIELDS, *(f"target{s}" for s in _SECRET_SUFFIXES), "X-Api-Key", "Cookie"]
+    for name in names:
+        folded = name.lower().replace("-", "_")
+        assert any(clue in folded for clue in _CLUES), name
+        assert "hunter2" not in redact_text(f"{name}=hunter2"), name

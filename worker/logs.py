@@ -131,8 +131,16 @@ def is_secret_field(name: str) -> bool:
     return key in SECRET_FIELDS or key.endswith(_SECRET_SUFFIXES)
 
 
+#: A word every match of the patterns above contains (lowercased, ``-`` read as ``_``): text
+#: with none of them is left alone without running the patterns.
+_CLUES = ("://", "senha", "passw", "api_key", "apikey", "_url", "secret", "token", "auth", "cookie")
+
+
 def redact_text(text: str) -> str:
     """``text`` with URL passwords and the values of secret fields masked; nothing else."""
+    folded = text.lower().replace("-", "_")
+    if not any(clue in folded for clue in _CLUES):
+        return text
     text = _URL_USERINFO.sub(rf"\1{MASK}", text)
     text = _QUOTED_PAIR.sub(lambda m: f"{m['head']}{m['vq'] or ''}{MASK}{m['vq'] or ''}", text)
     text = _ASSIGNMENT.sub(rf"\g<head>{MASK}", text)
