@@ -11,6 +11,9 @@ Patches:
 ``poll-0.5ms`` / ``poll-10ms``
     ``worker.consume.consumer.BUSY_POLL_S`` set to 0.5 ms / 10 ms (default 2 ms): how much the
     connection thread's polling matters.
+``single-acks``
+    One ``basic.ack`` per delivery instead of one ``multiple`` ack per run of consecutive
+    confirmed deliveries.
 ``switch-0.5ms``
     ``sys.setswitchinterval(0.0005)`` (default 5 ms): how much GIL hand-over delays between
     the connection thread and the 32 HTTP threads matter.
@@ -35,7 +38,23 @@ def _switch() -> None:
     sys.setswitchinterval(0.0005)
 
 
+def _single_acks() -> None:
+    from worker.consume.acks import Acks
+
+    def flush(self: Acks) -> list[tuple[int, bool]]:
+        frames = [(tag, False) for tag in sorted(self._ready)]
+        for tag in self._ready:
+            self._gone.add(tag)
+        self._ready.clear()
+        while self._open and self._open[0] in self._gone:
+            self._gone.remove(self._open.popleft())
+        return frames
+
+    Acks.flush = flush  # type: ignore[method-assign]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "single-acks": _single_acks,
     "poll-0.5ms": _poll(0.0005),
     "poll-10ms": _poll(0.010),
     "switch-0.5ms": _switch,

@@ -87,7 +87,8 @@ class AmqpChannel(Protocol):
 
     def basic_cancel(self, consumer_tag: str) -> Any: ...
 
-    def basic_ack(self, delivery_tag: int) -> Any: ...
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> Any:
+        """Ack one delivery; with ``multiple``, every unacked one up to ``delivery_tag``."""
 
     def basic_reject(self, delivery_tag: int, requeue: bool) -> Any: ...
 

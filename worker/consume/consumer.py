@@ -6,6 +6,9 @@ deliveries, sends heartbeats, publishes outcomes and acks. PABX calls run on a
 heartbeat. Finished jobs come back through a queue and are carried out here:
 
     deliver → prepare → [thread: execute] → publish (confirms) → ack
+
+Acks of confirmed deliveries are sent once per turn of the connection thread's loop, a
+run of consecutive ones as one ``multiple`` ack (:class:`~worker.consume.acks.Acks`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from worker.adapters.broker import broker_errors, connect, where
 from worker.adapters.channel import AmqpConnection, Connect, InboundMessage
 from worker.adapters.confirms import ConfirmingPublisher
 from worker.adapters.systemd import Notifier
+from worker.consume.acks import Acks
 from worker.consume.circuit import CircuitState
 from worker.consume.dispatch import KeyedExecutor
 from worker.consume.fate import fate_of, parks
@@ -204,6 +208,7 @@ class _Session:
         self.connection = connection
         self.session = session
         self.unacked: dict[int, _Unacked] = {}
+        self.acks = Acks()
         self.consumer_tag: str | None = None
         self.prefetch = 0
 
@@ -238,13 +243,18 @@ class _Session:
             timeout = BUSY_POLL_S if worker.state.in_flight or self.unacked else IDLE_POLL_S
             with contextlib.suppress(TimeoutError):
                 self.connection.drain_events(timeout=timeout)
+            self._send_acks()  # confirmed while publishing or in this drain
             now = time.monotonic()
             if now - last_beat > 1.0:
                 self.connection.heartbeat_check()
                 last_beat = now
 
+    def _send_acks(self) -> None:
+        for tag, multiple in self.acks.flush():
+            self.channel.basic_ack(tag, multiple=multiple)
+
     def _idle(self) -> bool:
-        return self.worker.state.in_flight == 0 and not self.unacked
+        return self.worker.state.in_flight == 0 and not self.unacked and not self.acks.waiting
 
     def _follow_breaker(self) -> None:
         """Consume while the store answers and some PABX target's circuit is not open.
@@ -305,6 +315,7 @@ class _Session:
             waited = time.time() - since.timestamp()
             self.worker.metrics.queue_seconds.observe(max(waited, 0.0))
         job = _Job(self.session, message.delivery_tag, prepared)
+        self.acks.delivered(message.delivery_tag)
         self.worker.state.in_flight += 1
         self.worker._executor.submit(prepared.call_key, lambda: self.worker._execute(job))
 
@@ -323,6 +334,7 @@ class _Session:
         tag = job.delivery_tag
         if fate.requeue:
             self.channel.basic_reject(tag, requeue=True)
+            self.acks.settled(tag)
             return
         self.unacked[tag] = _Unacked(len(fate.publications))
         for publication in fate.publications:
@@ -375,6 +387,7 @@ class _Session:
             return
         del self.unacked[delivery_tag]
         if pending.ok:
-            self.channel.basic_ack(delivery_tag)
+            self.acks.ready(delivery_tag)  # sent by _send_acks, after this drain
         else:
             self.channel.basic_reject(delivery_tag, requeue=True)
+            self.acks.settled(delivery_tag)

@@ -464,10 +464,18 @@ class MemoryChannel:
         with broker._changed:
             broker._consumers = [c for c in broker._consumers if c.tag != consumer_tag]
 
-    def basic_ack(self, delivery_tag: int) -> None:
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        """Ack ``delivery_tag``; with ``multiple``, every unacked delivery up to it too."""
         with self._broker._changed:
             self._live()
-            self._broker._settle(self, delivery_tag, None)
+            if not multiple:
+                self._broker._settle(self, delivery_tag, None)
+                return
+            if delivery_tag not in self.unacked:
+                unknown = f"PRECONDITION_FAILED - unknown delivery tag {delivery_tag}"
+                raise PreconditionFailed(unknown)
+            for tag in sorted(t for t in self.unacked if t <= delivery_tag):
+                self._broker._settle(self, tag, None)
 
     def basic_reject(self, delivery_tag: int, requeue: bool) -> None:
         with self._broker._changed:
