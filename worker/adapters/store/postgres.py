@@ -1,17 +1,21 @@
 """PostgreSQL idempotency store (psycopg 3), for several hosts sharing one database.
 
-Connection model: a small pool (``psycopg_pool``, at most :data:`POOL_SIZE` connections per
-store, i.e. per process, opened as needed), in autocommit mode. Every call is one to three
-short statements on one or two rows by primary key, so a few connections serve the
-worker's 32 threads: one connection under a lock capped a process at about one round trip
-at a time (some 250 commands/s on a loopback server), while the connection count stays
-bounded against PostgreSQL's ``max_connections``. Socket timeouts (``connect_timeout``,
-``tcp_user_timeout``, keepalives) and ``statement_timeout`` bound how long one call can
-hold a connection; waiting for a free one is bounded by ``connect_timeout`` too.
+Connection model: a few connections per store (per process), at most :data:`POOL_SIZE`,
+opened as needed and kept, in autocommit mode. Every call is one to three short
+statements on one or two rows by primary key, so a few connections serve the worker's 32
+threads: one connection under a lock capped a process at one round trip at a time (some
+250 commands/s on a loopback server), while the connection count stays bounded against
+PostgreSQL's ``max_connections``. A thread takes an idle connection, opens a new one
+while fewer than :data:`POOL_SIZE` are open, or waits for one to come back. Connections
+are opened by the calling thread, so a refused or failed connection is that call's
+:class:`~worker.contract.errors.StoreError`, with its reason, at once (``psycopg_pool``
+opens them in the background and answers a timeout instead). Socket timeouts
+(``connect_timeout``, ``tcp_user_timeout``, keepalives) and ``statement_timeout`` bound how
+long one call can hold a connection.
 
 Lost connection: the call that meets it raises :class:`~worker.contract.errors.StoreError`
-(the command waits or is left for redelivery) and the pool drops that connection; the
-next call gets another or a new one, so a restarted PostgreSQL is survived without
+(the command waits or is left for redelivery) and that connection is dropped; the next
+call gets another or a new one, so a restarted PostgreSQL is survived without
 restarting the worker. The store connects lazily: the constructor does no I/O;
 :meth:`PostgresStore.ping` checks.
 
@@ -63,6 +67,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -72,7 +77,6 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg_pool import ConnectionPool
 
 from worker.adapters.store import redact_url
 from worker.adapters.store.base import TAKEN, CallRef, Claim, ClaimState, Send, SendState
@@ -244,6 +248,7 @@ _PURGE_CALLS = "DELETE FROM {calls} WHERE updated_at < %s"
 _PURGE_SLOTS = "DELETE FROM {slots} WHERE next_at < %s"
 
 Connection = psycopg.Connection[tuple[Any, ...]]
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 def _secrets(url: str) -> tuple[str, ...]:
@@ -297,17 +302,11 @@ class PostgresStore:
             "application_name": "pabx-worker",
         }
         self._lock = threading.Lock()
-        self._pool: ConnectionPool[Connection] = ConnectionPool(
-            url,
-            kwargs=self._connect_args,
-            min_size=1,
-            max_size=max(1, pool_size),
-            open=False,
-            timeout=float(connect_timeout),
-            num_workers=1,
-            name=f"pabx-store-{table}",
-        )
-        self._opened = False
+        self._returned = threading.Condition(self._lock)
+        self._idle: list[Connection] = []
+        self._open_count = 0
+        self._pool_size = max(1, pool_size)
+        self._schema_lock = threading.Lock()
         self._schema_ready = False
         self._closed = False
         ident = sql.Identifier(table)
@@ -355,18 +354,49 @@ class PostgresStore:
         message = redact_message(message, self._secrets)  # never substrings of other words
         return StoreError(f"PostgreSQL store {self._label}: {message}")
 
-    def _open(self) -> ConnectionPool[Connection]:
-        if not self._opened:
-            with self._lock:
+    def _checkout(self) -> Connection:
+        """An idle connection, a new one while fewer than the pool size are open, or the
+        next one given back (waiting at most ``connect_timeout``)."""
+        deadline = time.monotonic() + self._connect_args["connect_timeout"]
+        with self._lock:
+            while True:
                 if self._closed:
                     raise self._error("the store is closed")
-                if not self._opened:
-                    self._pool.open(wait=False)
-                    self._opened = True
-        return self._pool
+                while self._idle:
+                    conn = self._idle.pop()
+                    if not conn.closed and not conn.broken:
+                        return conn
+                    self._open_count -= 1
+                if self._open_count < self._pool_size:
+                    self._open_count += 1
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._error("every connection stayed busy")
+                self._returned.wait(left)
+        try:  # outside the lock: a slow connect holds up no other thread
+            conn = psycopg.connect(self._url, **self._connect_args)
+            if not self._schema_ready:
+                self._create_schema(conn)
+        except BaseException:
+            with self._lock:
+                self._open_count -= 1
+                self._returned.notify()
+            raise
+        return conn
+
+    def _checkin(self, conn: Connection, *, healthy: bool) -> None:
+        with self._lock:
+            if healthy and not self._closed and not conn.closed and not conn.broken:
+                self._idle.append(conn)
+            else:
+                self._open_count -= 1
+                with suppress(psycopg.Error):
+                    conn.close()
+            self._returned.notify()
 
     def _create_schema(self, conn: Connection) -> None:
-        with self._lock:
+        with self._schema_lock:
             if self._schema_ready:
                 return
             with conn.transaction():
@@ -379,15 +409,21 @@ class PostgresStore:
 
     @contextmanager
     def _connection(self) -> Iterator[Connection]:
-        if self._closed:
-            raise self._error("the store is closed")
         try:
-            with self._open().connection() as conn:
-                if not self._schema_ready:
-                    self._create_schema(conn)
-                yield conn
-        except psycopg.Error as exc:  # a broken connection is dropped by the pool
+            conn = self._checkout()
+        except psycopg.Error as exc:
             raise self._error(f"{type(exc).__name__}: {exc}") from exc
+        healthy = False
+        try:
+            yield conn
+            healthy = True
+        except psycopg.Error as exc:
+            # A statement error leaves a working connection (autocommit); a lost one is
+            # dropped. Either way this call fails with the store's error.
+            healthy = not conn.broken and not conn.closed
+            raise self._error(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._checkin(conn, healthy=healthy and conn.info.transaction_status == _IDLE)
 
     # -- the contract ---------------------------------------------------------------
 
@@ -565,9 +601,12 @@ class PostgresStore:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            opened, self._opened = self._opened, False
-        if opened:
-            self._pool.close()
+            idle, self._idle = self._idle, []
+            self._open_count -= len(idle)
+            self._returned.notify_all()
+        for conn in idle:
+            with suppress(psycopg.Error):
+                conn.close()
 
 
 def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
