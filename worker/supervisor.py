@@ -46,7 +46,15 @@ from worker.contract.settings import ENV_PREFIX, Settings
 from worker.logs import configure_logging
 from worker.runtime import PROCESS_INDEX_ENV, secrets_of
 
-__all__ = ["GroupMetrics", "Supervisor", "parse_processes", "run_group"]
+__all__ = [
+    "GroupMetrics",
+    "Supervisor",
+    "fetch",
+    "fetch_all",
+    "group_ready",
+    "parse_processes",
+    "run_group",
+]
 
 log = logging.getLogger("pabx_worker.supervisor")
 
@@ -108,6 +116,13 @@ def fetch_all(ports: Mapping[str, int], path: str) -> dict[str, bytes | None]:
     with ThreadPoolExecutor(len(ports), thread_name_prefix="pabx-scrape") as pool:
         bodies = pool.map(lambda port: fetch(port, path), ports.values())
         return dict(zip(ports, bodies, strict=True))
+
+
+def group_ready(ports: Mapping[str, int], count: int) -> bool:
+    """All ``count`` children have a port and answer 200 on it to ``/readyz``."""
+    if len(ports) < count:
+        return False
+    return all(body is not None for body in fetch_all(ports, "/readyz").values())
 
 
 class GroupMetrics:
@@ -187,10 +202,7 @@ class Supervisor:
 
     def ready(self) -> bool:
         """Every child is running and its ``/readyz`` answers 200."""
-        ports = self._ports()
-        if len(ports) < len(self._children):
-            return False
-        return all(body is not None for body in fetch_all(ports, "/readyz").values())
+        return group_ready(self._ports(), len(self._children))
 
     def stop(self) -> None:
         """Stop the group (SIGTERM to every child); asked again, kill it (SIGKILL)."""
