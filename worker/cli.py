@@ -171,9 +171,10 @@ ProcessesOption = Annotated[
     str,
     typer.Option(
         "--processes",
-        metavar="N|auto",
-        help="Worker processes (auto: one per CPU). Above 1, a supervisor runs them, restarts"
-        " any that dies and serves one /metrics (a process label), /healthz, /readyz for all.",
+        metavar="N",
+        help="Worker processes: a number, or auto (one per CPU). Above 1, a supervisor runs"
+        " them, restarts any that dies and serves one /metrics (a process label), /healthz and"
+        " /readyz for all.",
     ),
 ]
 
