@@ -198,7 +198,7 @@ class Supervisor:
 
     def pids(self) -> dict[int, int]:
         """The pid of every running child, by index."""
-        return {c.index: c.proc.pid for c in self._children if c.proc and c.proc.poll() is None}
+        return {c.index: proc.pid for c, proc in self._running()}
 
     def ready(self) -> bool:
         """Every child is running and its ``/readyz`` answers 200."""
@@ -225,12 +225,13 @@ class Supervisor:
                     child.proc.wait()
             self._notifier.close()
 
+    def _running(self) -> list[tuple[_Child, subprocess.Popen[bytes]]]:
+        # Also read by the HTTP threads: each child's ``proc`` is read once.
+        pairs = [(c, c.proc) for c in self._children]
+        return [(c, proc) for c, proc in pairs if proc is not None and proc.poll() is None]
+
     def _ports(self) -> dict[str, int]:
-        return {
-            str(c.index): c.port
-            for c in self._children
-            if c.port and c.proc is not None and c.proc.poll() is None
-        }
+        return {str(c.index): c.port for c, _ in self._running() if c.port}
 
     def _start(self, child: _Child) -> None:
         child.port = 0 if self._settings.http_port == 0 else _free_port()
