@@ -167,22 +167,47 @@ def _settings(config: Path | None, **values: Any) -> Settings:
     return _guard(lambda: load_settings(config, **values))
 
 
+ProcessesOption = Annotated[
+    str,
+    typer.Option(
+        "--processes",
+        metavar="N",
+        help="Worker processes: a number, or auto (one per CPU). Above 1, a supervisor runs"
+        " them, restarts any that dies and serves one /metrics (a process label), /healthz and"
+        " /readyz for all.",
+    ),
+]
+
+
 @app.command(cls=Command)
-def run(config: ConfigOption = None) -> None:
+def run(config: ConfigOption = None, processes: ProcessesOption = "1") -> None:
     """Consume commands, call the PABX, publish outcomes; stops on SIGTERM/SIGINT.
 
     Settings: PABX_WORKER_AMQP_URL, PABX_WORKER_PABX_URL, PABX_WORKER_PABX_API_KEY and
     PABX_WORKER_PABX_CHANNEL_ID (or [pabx.NAME] targets), PABX_WORKER_STORE_URL; the rest
     have defaults. Under systemd Type=notify it reports readiness and pings the watchdog.
+    With --processes N each process has PABX_WORKER_CONCURRENCY threads and its own broker
+    connection; SIGTERM drains them all.
 
     Exit codes: 0 stopped by a signal, 1 runtime failure, 2 configuration error (also a
     topology mismatch or refused broker credentials).
     """
-    from worker.runtime import run_worker
+    from worker.supervisor import parse_processes
 
+    try:
+        count = parse_processes(processes)
+    except ValueError as exc:
+        raise _fail(2, f"--processes: {exc}") from None
     settings = _settings(config)
     _guard(settings.require_targets)
-    _guard(lambda: run_worker(settings))
+    if count == 1:
+        from worker.runtime import run_worker
+
+        _guard(lambda: run_worker(settings))
+        return
+    from worker.supervisor import run_group
+
+    raise typer.Exit(_guard(lambda: run_group(settings, count, config)))
 
 
 @app.command(cls=Command)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -24,12 +25,15 @@ from worker.contract.settings import PabxTarget, Settings
 from worker.logs import SERVICE, configure_logging, package_version, redact_text
 from worker.tracing import NO_TRACING, Tracing, tracing_from_env
 
-__all__ = ["build_processor", "run_worker", "secrets_of", "store_label"]
+__all__ = ["PROCESS_INDEX_ENV", "build_processor", "run_worker", "secrets_of", "store_label"]
 
 log = logging.getLogger("pabx_worker")
 
 #: How often a store that stopped answering is pinged again (so a paused consumer resumes).
 STORE_RECHECK_S = 1.0
+#: Set by ``run --processes N`` in each worker it starts: the worker's place, 0 to N-1.
+#: Not a ``PABX_WORKER_*`` name: those are settings, and an unknown one is an error.
+PROCESS_INDEX_ENV = "PABX_PROCESS_INDEX"
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -154,6 +158,10 @@ def run_worker(settings: Settings) -> None:
         secrets=secrets_of(settings),
         trace_ids=tracing.log_ids if tracing.enabled else None,
     )
+    index = os.environ.get(PROCESS_INDEX_ENV)
+    if index is not None:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_ProcessIndex(index))
     _log_dependencies(settings, settings.require_targets())
     metrics = Metrics()
     try:
@@ -161,6 +169,18 @@ def run_worker(settings: Settings) -> None:
     finally:
         tracing.shutdown()
     log.info("stopped")
+
+
+class _ProcessIndex(logging.Filter):
+    """Adds ``process_index`` to every record: which of ``--processes N`` logged it."""
+
+    def __init__(self, index: str) -> None:
+        super().__init__()
+        self._index = int(index) if index.isdigit() else index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.process_index = self._index
+        return True
 
 
 def _tracing() -> Tracing:

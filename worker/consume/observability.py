@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib.metadata import PackageNotFoundError, version
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,6 +21,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from worker.consume.pipeline import PabxClient
 from worker.contract.errors import PabxError
@@ -28,9 +31,11 @@ from worker.contract.settings import PabxTarget
 __all__ = [
     "CIRCUIT_VALUES",
     "LATENCY_BUCKETS",
+    "Exposition",
     "HealthServer",
     "MeteredPabx",
     "Metrics",
+    "merge_expositions",
     "pabx_result",
     "worker_version",
 ]
@@ -150,6 +155,32 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class Exposition(Protocol):
+    """What :class:`HealthServer` serves on ``/metrics``: :class:`Metrics`, or a group's."""
+
+    def render(self) -> bytes: ...
+
+
+def merge_expositions(texts: Mapping[str, str], label: str) -> list[Metric]:
+    """Several expositions as one: every sample gains ``label`` set to its text's key.
+
+    A family found in several texts is one family (HELP and TYPE of the first); a text that
+    does not parse is left out.
+    """
+    merged: dict[str, Metric] = {}
+    for value, text in texts.items():
+        try:
+            families = list(text_string_to_metric_families(text))
+        except ValueError:
+            continue
+        for family in families:
+            into = merged.setdefault(
+                family.name, Metric(family.name, family.documentation, family.type, family.unit)
+            )
+            into.samples += [s._replace(labels={**s.labels, label: value}) for s in family.samples]
+    return list(merged.values())
+
+
 class MeteredPabx:
     """Wraps a :class:`~worker.consume.pipeline.PabxClient`, timing every request."""
 
@@ -174,7 +205,7 @@ class HealthServer:
     """``/metrics``, ``/healthz`` (process alive) and ``/readyz`` on a background thread."""
 
     def __init__(
-        self, *, host: str, port: int, metrics: Metrics, ready: Callable[[], bool]
+        self, *, host: str, port: int, metrics: Exposition, ready: Callable[[], bool]
     ) -> None:
         handler = _handler(metrics, ready)
         self._server = ThreadingHTTPServer((host, port), handler)
@@ -197,7 +228,7 @@ class HealthServer:
         self._thread.join(5)
 
 
-def _handler(metrics: Metrics, ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
+def _handler(metrics: Exposition, ready: Callable[[], bool]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
