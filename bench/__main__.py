@@ -26,6 +26,7 @@ from pathlib import Path
 
 from bench.options import KINDS, REPO, BenchError, Options
 from bench.report import print_report, write_json
+from bench.results import BenchResults
 from bench.run import run_bench
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -267,6 +268,19 @@ def options_from(args: argparse.Namespace) -> Options:
     return options
 
 
+def _plot(results: BenchResults, json_path: Path) -> None:
+    """The PNG plots beside the JSON; without matplotlib (the bench extra), one line says so."""
+    try:
+        from bench.plots import write_plots
+    except ImportError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        print(f"plots skipped: {exc.name} is not installed (pip install -e '.[bench]')")
+        return
+    for path in write_plots(results, json_path):
+        print(f"plot written to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # The worker processes get exactly the settings the bench gives them.
@@ -280,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results, args.json)
     print_report(results)
     print(f"results written to {args.json}")
+    _plot(results, args.json)
     failed = [r.name for r in results.runs() if not r.complete]
     for extra, part in (("batch", results.batch), ("idle", results.idle), ("soak", results.soak)):
         if part is not None and part.error:
