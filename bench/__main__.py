@@ -275,7 +275,7 @@ def _plot(results: BenchResults, json_path: Path) -> None:
     except ImportError as exc:
         if not (exc.name or "").startswith("matplotlib"):
             raise
-        print(f"plots skipped: {exc.name} is not installed (pip install -e '.[bench]')")
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
         return
     for path in write_plots(results, json_path):
         print(f"plot written to {path}")
