@@ -8,7 +8,9 @@ Numbers drift on a shared 2-core machine: compare the ratios of one run, not abs
 Examples::
 
     python -m bench                                   # 5000 commands at 0 and 20 ms
-    python -m bench --commands 3000 --scale           # + 2 worker processes on Redis, PostgreSQL
+    python -m bench --commands 3000 --scale           # + 1, 2, N worker processes per store
+    python -m bench --scale --scale-processes 1,2,4 --scale-stores sqlite
+    python -m bench.plots bench/results/latest.json   # the plots again, from the JSON
     python -m bench --quick                           # tiny smoke run (the test suite's)
     python -m bench --kinds worker --latencies 20 --py-spy bench/results/profiles
     python -m bench --soak 100000 --kinds worker --latencies 0 --no-paced
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from bench.options import KINDS, REPO, BenchError, Options
 from bench.report import print_report, write_json
+from bench.results import BenchResults
 from bench.run import run_bench
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -58,6 +61,34 @@ def _kinds(text: str) -> tuple[str, ...]:
             )
     if not values:
         raise argparse.ArgumentTypeError("no kind given")
+    return values
+
+
+SCALE_STORES = ("sqlite", "redis", "postgres")
+
+
+def scale_processes(text: str) -> tuple[int, ...]:
+    """``1,2,N`` → (1, 2, cpu count): whole numbers >= 1 or N, deduplicated and sorted."""
+    values: set[int] = set()
+    for item in (v.strip() for v in text.split(",")):
+        if item.upper() == "N":
+            values.add(os.cpu_count() or 1)
+        elif item.isascii() and item.isdigit() and int(item) >= 1:
+            values.add(int(item))
+        else:
+            raise argparse.ArgumentTypeError(
+                f"process counts are whole numbers >= 1 or N (the CPU count): {text!r}"
+            )
+    return tuple(sorted(values))
+
+
+def scale_stores(text: str) -> tuple[str, ...]:
+    """``sqlite,redis`` → ("sqlite", "redis"): stores several processes can share, in order."""
+    values = tuple(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not values or any(v not in SCALE_STORES for v in values):
+        raise argparse.ArgumentTypeError(
+            f"stores are {', '.join(SCALE_STORES)}, comma separated; got {text!r}"
+        )
     return values
 
 
@@ -97,7 +128,21 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scale",
         action="store_true",
-        help="also 1 and 2 worker processes sharing Redis, then PostgreSQL",
+        help="also drain with 1, 2, … worker processes sharing each store in turn",
+    )
+    p.add_argument(
+        "--scale-processes",
+        type=scale_processes,
+        default="1,2,N",
+        metavar="COUNTS",
+        help="worker processes with --scale; N is the CPU count (1,2,N)",
+    )
+    p.add_argument(
+        "--scale-stores",
+        type=scale_stores,
+        default=",".join(SCALE_STORES),
+        metavar="STORES",
+        help="stores the processes share with --scale; SQLite: one file (sqlite,redis,postgres)",
     )
     p.add_argument(
         "--kinds",
@@ -197,6 +242,8 @@ def options_from(args: argparse.Namespace) -> Options:
         store=args.store,
         kinds=args.kinds,
         scale=args.scale,
+        scale_processes=args.scale_processes,
+        scale_stores=args.scale_stores,
         repeat=args.repeat,
         tutorial_commands=args.tutorial_commands,
         paced=args.paced,
@@ -221,6 +268,19 @@ def options_from(args: argparse.Namespace) -> Options:
     return options
 
 
+def _plot(results: BenchResults, json_path: Path) -> None:
+    """The PNG plots beside the JSON; without matplotlib (the bench extra), one line says so."""
+    try:
+        from bench.plots import write_plots
+    except ImportError as exc:
+        if not (exc.name or "").startswith("matplotlib"):
+            raise
+        print("plots skipped: matplotlib is not installed (pip install -e '.[bench]')")
+        return
+    for path in write_plots(results, json_path):
+        print(f"plot written to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # The worker processes get exactly the settings the bench gives them.
@@ -234,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(results, args.json)
     print_report(results)
     print(f"results written to {args.json}")
+    _plot(results, args.json)
     failed = [r.name for r in results.runs() if not r.complete]
     for extra, part in (("batch", results.batch), ("idle", results.idle), ("soak", results.soak)):
         if part is not None and part.error:

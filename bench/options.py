@@ -54,6 +54,9 @@ class Options:
     store: str = "sqlite"
     kinds: tuple[str, ...] = KINDS
     scale: bool = False
+    #: With ``scale``: the worker's process counts, and the stores they share.
+    scale_processes: tuple[int, ...] = (1, 2)
+    scale_stores: tuple[str, ...] = ("sqlite", "redis", "postgres")
     repeat: int = 1
     tutorial_commands: int | None = None
     paced: bool = True

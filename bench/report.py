@@ -15,6 +15,8 @@ from bench.results import (
     BenchResults,
     IdleResult,
     RunResult,
+    ScalePoint,
+    ScaleResult,
     SoakResult,
     Summary,
     as_json,
@@ -117,8 +119,8 @@ def print_report(results: BenchResults, console: Console | None = None) -> None:
                 table.add_row(*_row(results, paced, label))
         for scale in results.scale:
             if scale.latency_ms_pabx == latency:
-                table.add_row(*_row(results, scale.one))
-                table.add_row(*_row(results, scale.two))
+                for run in scale.runs():
+                    table.add_row(*_row(results, run))
         table.add_section()
     console.print(table)
     console.print(
@@ -148,10 +150,7 @@ def _extra_table(results: BenchResults) -> Table:
                 + (f" ({row.error})" if row.error is not None else ""),
             )
     for scale in results.scale:
-        extra.add_row(
-            f"scaling 1 → 2 worker processes, {scale.store}, PABX {scale.latency_ms_pabx:g} ms",
-            f"{_fmt(scale.scaling_factor, 2)}x",
-        )
+        extra.add_row(*_scaling_row(scale))
     soak = results.soak
     if soak is not None:
         chunks = soak.rss_mb if isinstance(soak, SoakResult) else []
@@ -161,6 +160,18 @@ def _extra_table(results: BenchResults) -> Table:
         if soak.error:
             extra.add_row("soak error", soak.error)
     return extra
+
+
+def _scaling_row(scale: ScaleResult) -> tuple[str, str]:
+    """Commands/s per process count, each over the one-process rate: ``900 (1.00x) / …``."""
+    points = scale.points or [ScalePoint.of(run) for run in scale.runs()]
+    base = next((p.throughput for p in points if p.processes == 1), None)
+    counts = " / ".join(str(p.processes) for p in points)
+    rates = " / ".join(
+        _fmt(p.throughput, 0) + (f" ({_ratio(p.throughput, base)})" if base else "") for p in points
+    )
+    where = f"{scale.store}, PABX {scale.latency_ms_pabx:g} ms"
+    return f"scaling, commands/s with {counts} worker processes, {where}", rates or "—"
 
 
 def _targets_table(results: BenchResults) -> Table:

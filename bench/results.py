@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import TypeAdapter
+
 __all__ = [
     "BatchMethod",
     "BatchResult",
@@ -21,12 +23,14 @@ __all__ = [
     "Meta",
     "Ratio",
     "RunResult",
+    "ScalePoint",
     "ScaleResult",
     "SlowRequest",
     "SoakResult",
     "Summary",
     "Target",
     "as_json",
+    "load_json",
 ]
 
 _OMIT = "omit_when_none"
@@ -130,14 +134,44 @@ class RunResult:
 
 
 @dataclass
+class ScalePoint:
+    """The worker's drain with ``processes`` processes: commands/s and CPU ms per command."""
+
+    processes: int
+    #: None when the run did not complete.
+    throughput: float | None
+    #: All the processes' CPU time per command.
+    cpu_ms_per_command: float | None
+
+    @classmethod
+    def of(cls, run: RunResult) -> ScalePoint:
+        return cls(
+            processes=run.processes or 1,
+            throughput=run.throughput if run.measured else None,
+            cpu_ms_per_command=run.consumer_cpu_ms_per_command,
+        )
+
+
+@dataclass
 class ScaleResult:
-    """The worker drained by one process, then by two, on a shared store."""
+    """The worker drained by 1, 2, … processes in turn, on a shared store.
+
+    ``one`` and ``two`` are the runs with 1 and 2 processes (None: not asked for),
+    ``more`` those with other counts; ``points`` sums up every run, fewest processes first.
+    """
 
     store: str
     latency_ms_pabx: float
-    one: RunResult
-    two: RunResult
+    one: RunResult | None
+    two: RunResult | None
     scaling_factor: float | None
+    more: list[RunResult] = field(default_factory=list)
+    points: list[ScalePoint] = field(default_factory=list)
+
+    def runs(self) -> list[RunResult]:
+        """Every run, fewest processes first."""
+        found = [r for r in (self.one, self.two, *self.more) if r is not None]
+        return sorted(found, key=lambda r: r.processes or 1)
 
 
 @dataclass(kw_only=True)
@@ -238,5 +272,10 @@ class BenchResults:
 
     def runs(self) -> list[RunResult]:
         """Every drain, paced and scaling run."""
-        scaled = [run for row in self.scale for run in (row.one, row.two)]
+        scaled = [run for row in self.scale for run in row.runs()]
         return [*self.drains, *self.paced, *scaled]
+
+
+def load_json(doc: Any) -> BenchResults:
+    """The records back from the JSON :func:`as_json` made of them (absent fields: defaults)."""
+    return TypeAdapter(BenchResults).validate_python(doc)

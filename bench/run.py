@@ -16,7 +16,7 @@ from bench.broker import Broker
 from bench.context import Context
 from bench.options import Options, label, require_loopback
 from bench.processes import Simulator
-from bench.results import BenchResults, Failed, Meta, RunResult, ScaleResult
+from bench.results import BenchResults, Failed, Meta, RunResult, ScalePoint, ScaleResult
 from bench.sampling import find_rabbitmq
 from bench.scenarios import Batch, Drain, Idle, Paced, Soak
 from bench.verdicts import ratios, targets
@@ -64,6 +64,7 @@ def _attempt(
             name=label(kind),
             latency_ms_pabx=latency,
             store=None,
+            processes=scenario.procs if isinstance(scenario, Drain) else 1,
             commands=count,
             error=result.error,
         )
@@ -88,9 +89,10 @@ def _meta(ctx: Context, options: Options, started: float) -> Meta:
 def run_bench(options: Options) -> BenchResults:
     """Run every scenario the options ask for, back to back; the results as one record."""
     require_loopback(options.amqp_url, "the AMQP URL")
-    if options.scale or options.store == "redis":
+    stores = {options.store, *(options.scale_stores if options.scale else ())}
+    if "redis" in stores:
         require_loopback(options.redis_url, "the Redis URL")
-    if options.scale or options.store == "postgres":
+    if "postgres" in stores:
         require_loopback(options.postgres_url, "the PostgreSQL URL")
     ctx = Context(options)
     started = time.time()
@@ -165,20 +167,28 @@ def _run_latency(ctx: Context, results: BenchResults, latency: float) -> None:
         paced = Paced(kind, latency, rate, count, store)
         results.paced.append(_attempt(ctx, results, paced, count))
     if options.scale:
-        for scale_store in ("redis", "postgres"):
+        for scale_store in options.scale_stores:
             results.scale.append(_scale(ctx, results, latency, scale_store))
 
 
 def _scale(ctx: Context, results: BenchResults, latency: float, store: str) -> ScaleResult:
-    """The worker draining with one process, then with two, on a shared ``store``."""
+    """The worker draining with each process count in turn, all of them on one ``store``."""
     count = ctx.options.commands
-    one, two = (
-        _attempt(ctx, results, Drain("worker", latency, count, store, procs=procs), count)
-        for procs in (1, 2)
-    )
+    runs = {
+        procs: _attempt(ctx, results, Drain("worker", latency, count, store, procs=procs), count)
+        for procs in ctx.options.scale_processes
+    }
+    one, two = runs.pop(1, None), runs.pop(2, None)
     factor = None
-    if one.throughput and two.throughput:
-        factor = round(two.throughput / one.throughput, 2)
-    return ScaleResult(
-        store=store, latency_ms_pabx=latency, one=one, two=two, scaling_factor=factor
+    if one and two and one.measured and two.measured:
+        factor = round((two.throughput or 0.0) / (one.throughput or 1.0), 2)
+    row = ScaleResult(
+        store=store,
+        latency_ms_pabx=latency,
+        one=one,
+        two=two,
+        scaling_factor=factor,
+        more=[runs[p] for p in sorted(runs)],
     )
+    row.points = [ScalePoint.of(run) for run in row.runs()]
+    return row

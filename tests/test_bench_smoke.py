@@ -53,3 +53,10 @@ def test_quick_bench_gives_every_command_an_outcome(amqp_url: str, tmp_path: Pat
     assert doc["idle"]["rss_mb"]["worker"] > 0
     assert doc["batch"]["rate"] > 0 and "error" not in doc["batch"]
     assert {t["target"] for t in doc["targets"]} >= {"idle RSS", "batch publish with confirms"}
+
+    plots = {p.name for p in tmp_path.glob("*.png")}  # no --scale: no scaling plot
+    assert plots >= {"bench-throughput.png", "bench-latency.png"}
+    assert "bench-scaling.png" not in plots
+    for name in plots:
+        assert f"plot written to {tmp_path / name}" in proc.stdout
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

@@ -26,7 +26,10 @@ def _timeout(kind: str, count: int, latency_ms: float) -> float:
 
 @dataclass
 class Drain:
-    """Pre-fill the queue with ``count`` commands, then let ``procs`` consumers drain it."""
+    """Pre-fill the queue with ``count`` commands, then let ``procs`` consumers drain it.
+
+    The processes share the scenario's store: one Redis, one PostgreSQL, or one SQLite file.
+    """
 
     kind: str
     latency_ms: float
