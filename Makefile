@@ -27,7 +27,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench --scale
 
 # The broker restart stops the machine's RabbitMQ, so it runs alone, after the rest.
 chaos: $(STAMP)

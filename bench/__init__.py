@@ -1,4 +1,4 @@
-"""Benchmarks of pabx-worker against two peers doing the same job (issue 5).
+"""Benchmarks of pabx-worker against two peers doing the same job (issues 5 and 15).
 
 ``python -m bench`` (``make bench``): see :mod:`bench.__main__` for the options and
 :mod:`bench.scenarios` for what is measured and how. The parts: ``options`` (kinds,

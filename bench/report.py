@@ -175,7 +175,7 @@ def _scaling_row(scale: ScaleResult) -> tuple[str, str]:
 
 
 def _targets_table(results: BenchResults) -> Table:
-    verdicts = Table(title="issue 5 targets")
+    verdicts = Table(title="targets (issue 15)")
     verdicts.add_column("target")
     verdicts.add_column("wanted")
     verdicts.add_column("measured", justify="right")

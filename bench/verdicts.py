@@ -7,7 +7,7 @@ from typing import Any
 from bench.options import is_worker
 from bench.results import BatchResult, BenchResults, IdleResult, Ratio, SoakResult, Target
 
-__all__ = ["drain_rate", "ratios", "targets"]
+__all__ = ["drain_rate", "one_process_rate", "ratios", "targets"]
 
 
 def drain_rate(results: BenchResults, kind: str, latency: float) -> float | None:
@@ -58,6 +58,11 @@ def targets(results: BenchResults) -> list[Target]:
         vs_pika,
         None if vs_pika is None else vs_pika >= 15,
     )
+    at20 = [r for r in results.drains if r.kind == "worker" and r.latency_ms_pabx == 20]
+    main = next((r for r in at20 if r.complete and (r.processes or 1) == 1), None)
+    cpu = main.consumer_cpu_ms_per_command if main else None
+    add("CPU per command @20 ms", "≤ 1.0 ms", cpu, None if cpu is None else cpu <= 1.0)
+    _store_targets(results, add)
     for paced in (p for p in results.paced if p.kind == "worker"):
         summary = paced.latency_ms.get("publish_to_pabx")
         p99 = summary.p99 if summary else None
@@ -95,3 +100,34 @@ def targets(results: BenchResults) -> list[Target]:
             None,
         )
     return found
+
+
+def one_process_rate(results: BenchResults, store: str, latency: float) -> float | None:
+    """The worker's one-process drain on ``store`` at ``latency``: from the scaling runs, or
+    the main drain when that used ``store``."""
+    for row in results.scale:
+        one = row.one
+        if row.store == store and row.latency_ms_pabx == latency and one and one.complete:
+            return one.throughput
+    for run in results.drains:
+        if run.kind == "worker" and run.store == store and run.latency_ms_pabx == latency:
+            return run.throughput if run.complete and (run.processes or 1) == 1 else None
+    return None
+
+
+def _store_targets(results: BenchResults, add: Any) -> None:
+    """Redis and PostgreSQL against SQLite and the peers, one worker process each @20 ms."""
+    sqlite = one_process_rate(results, "sqlite", 20)
+    faststream = drain_rate(results, "faststream", 20)
+    pika = drain_rate(results, "pika", 20)
+    for store in ("redis", "postgres"):
+        rate = one_process_rate(results, store, 20)
+        if rate is None:
+            continue
+        vs_sqlite = round(rate / sqlite, 2) if sqlite else None
+        wanted = "≥ 0.8x" if store == "postgres" else "reported"
+        ok = None if vs_sqlite is None or store != "postgres" else vs_sqlite >= 0.8
+        add(f"{store} vs SQLite @20 ms (1 process)", wanted, vs_sqlite, ok)
+        for peer, peer_rate in (("FastStream", faststream), ("pika tutorial", pika)):
+            ratio = round(rate / peer_rate, 2) if peer_rate else None
+            add(f"{store}: throughput vs {peer} @20 ms", "reported", ratio, None)

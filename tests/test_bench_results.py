@@ -118,3 +118,29 @@ def test_the_report_prints_every_part() -> None:
     text = out.getvalue()
     assert "18.00x" in text  # worker vs the pika tutorial
     assert "soak error" in text and "boom" in text
+
+
+def _on(store: str, rate: float, cpu: float | None = None) -> RunResult:
+    run = drain("worker", rate)
+    run.store, run.consumer_cpu_ms_per_command = store, cpu
+    return run
+
+
+def test_targets_judge_cpu_per_command_and_postgres_against_sqlite() -> None:
+    doc = BenchResults(meta=Meta("abc", 1.0, 2, "3.11", {"commands": 10}))
+    doc.drains = [_on("sqlite", 1000.0, cpu=0.9), drain("pika", 50.0), drain("faststream", 400.0)]
+    doc.scale = [
+        ScaleResult("sqlite", 20.0, _on("sqlite", 1000.0), None, None),
+        ScaleResult("redis", 20.0, _on("redis", 1100.0), None, None),
+        ScaleResult("postgres", 20.0, _on("postgres", 700.0), None, None),
+    ]
+    by_target = {t.target: t for t in targets(doc)}
+    assert by_target["CPU per command @20 ms"].ok is True
+    assert by_target["CPU per command @20 ms"].measured == 0.9
+    postgres = by_target["postgres vs SQLite @20 ms (1 process)"]
+    assert (postgres.measured, postgres.ok) == (0.7, False)  # below the 0.8x wanted
+    redis = by_target["redis vs SQLite @20 ms (1 process)"]
+    assert (redis.measured, redis.ok) == (1.1, None)  # reported, no target
+    assert by_target["postgres: throughput vs FastStream @20 ms"].measured == 1.75
+    doc.drains[0].consumer_cpu_ms_per_command = 1.2
+    assert {t.target: t for t in targets(doc)}["CPU per command @20 ms"].ok is False
