@@ -8,12 +8,15 @@ here is used by the worker itself: a patch that pays off should become a real ch
 
 Patches:
 
-``poll-0.5ms`` / ``poll-10ms``
-    ``worker.consume.consumer.BUSY_POLL_S`` set to 0.5 ms / 10 ms (default 2 ms): how much the
+``poll-0.5ms`` / ``poll-2ms`` / ``poll-5ms``
+    ``worker.consume.consumer.BUSY_POLL_S`` set to 0.5 / 2 / 5 ms (default 10 ms): how much the
     connection thread's polling matters.
 ``single-acks``
     One ``basic.ack`` per delivery instead of one ``multiple`` ack per run of consecutive
     confirmed deliveries.
+``gc-default``
+    The interpreter's own collector settings (700 allocations between young collections,
+    nothing frozen) instead of those ``pabx-worker run`` sets.
 ``switch-0.5ms``
     ``sys.setswitchinterval(0.0005)`` (default 5 ms): how much GIL hand-over delays between
     the connection thread and the 32 HTTP threads matter.
@@ -53,10 +56,18 @@ def _single_acks() -> None:
     Acks.flush = flush  # type: ignore[method-assign]
 
 
+def _gc_default() -> None:
+    import worker.runtime
+
+    worker.runtime.tune_gc = lambda: None  # type: ignore[assignment]
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "gc-default": _gc_default,
     "single-acks": _single_acks,
     "poll-0.5ms": _poll(0.0005),
-    "poll-10ms": _poll(0.010),
+    "poll-2ms": _poll(0.002),
+    "poll-5ms": _poll(0.005),
     "switch-0.5ms": _switch,
 }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -25,7 +26,14 @@ from worker.contract.settings import PabxTarget, Settings
 from worker.logs import SERVICE, configure_logging, package_version, redact_text
 from worker.tracing import NO_TRACING, Tracing, tracing_from_env
 
-__all__ = ["PROCESS_INDEX_ENV", "build_processor", "run_worker", "secrets_of", "store_label"]
+__all__ = [
+    "PROCESS_INDEX_ENV",
+    "build_processor",
+    "run_worker",
+    "secrets_of",
+    "store_label",
+    "tune_gc",
+]
 
 log = logging.getLogger("pabx_worker")
 
@@ -149,6 +157,23 @@ def build_processor(
         store.close()
 
 
+#: Allocations between young collections (CPython's default is 700), and the older two.
+GC_THRESHOLDS = (20_000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Fewer, cheaper garbage collections for a long-running worker.
+
+    Every command allocates thousands of short-lived objects, nearly all freed by reference
+    counting; at CPython's default a young collection runs every few commands. Everything
+    built at start (imports, settings, clients) is frozen out of later collections. The
+    bench measured a few per cent less CPU per command (``--kinds worker,worker:gc-default``).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_worker(settings: Settings) -> None:
     """``pabx-worker run``: consume until SIGTERM or SIGINT."""
     tracing = _tracing()
@@ -211,6 +236,7 @@ def _run(settings: Settings, metrics: Metrics, tracing: Tracing) -> None:
         signal.signal(signal.SIGINT, on_signal)
         server = _health_server(settings, worker, processor)
         watch = _StoreWatch(processor, store_label(settings.store_url)).start()
+        tune_gc()
         try:
             worker.run()
         finally:

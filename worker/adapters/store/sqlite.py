@@ -14,12 +14,14 @@ request slot). A file written by the version before the per-call record gets the
 ``call_key`` column (``ALTER TABLE``) and the two new tables when it is opened.
 
 Atomicity across threads and processes: every step is either one statement in
-autocommit (a new claim, ``mark_sent`` without a call) or one ``BEGIN IMMEDIATE``
-transaction, which takes the file's write lock before reading, so no other
-connection can write between the read and the update. Fencing: ``mark_sent``,
+autocommit (a new claim, ``mark_sent`` without a call, ``record``, ``release``) or one
+``BEGIN IMMEDIATE`` transaction, which takes the file's write lock before reading, so no
+other connection can write between the read and the update. The trigger
+``pabx_commands_let_go`` lets go of the call when ``record`` or ``release`` clears a
+command's token, inside that statement. Fencing: ``mark_sent``,
 ``renew``, ``record`` and ``release`` change nothing unless the row's ``token`` is
 the caller's and no outcome is stored; ``mark_sent`` checks and takes the call in
-the same transaction, and ``record``/``release`` let go of the call in it.
+the same transaction, and ``record``/``release`` let go of the call in their statement.
 
 Clocks: lease and call times are the caller's ``now``. ``reserve_slot`` uses this
 host's clock (``time.time()``), read inside the ``BEGIN IMMEDIATE`` transaction so
@@ -70,13 +72,14 @@ CREATE TABLE IF NOT EXISTS pabx_slots (
     target  TEXT PRIMARY KEY,
     next_at REAL NOT NULL
 );
+CREATE TRIGGER IF NOT EXISTS pabx_commands_let_go
+AFTER UPDATE OF token ON pabx_commands
+WHEN OLD.token IS NOT NULL AND NEW.token IS NULL AND NEW.call_key IS NOT NULL
+BEGIN
+    UPDATE pabx_calls SET holder = NULL, holder_until = 0, updated_at = NEW.updated_at
+    WHERE call_key = NEW.call_key AND holder = NEW.command_id;
+END;
 """
-
-# Let go of the call ``call_key`` if ``command_id`` holds it: record and release.
-_LET_GO = (
-    "UPDATE pabx_calls SET holder = NULL, holder_until = 0, updated_at = ?"
-    " WHERE call_key = ? AND holder = ?"
-)
 
 
 class SqliteStore:
@@ -323,17 +326,18 @@ class SqliteStore:
             return True
 
     def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
-        with self._transaction() as db:
+        with self._statement() as db:  # one statement; the trigger lets go of the call in it
             rows = db.execute(
                 "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
                 " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
-                " RETURNING call_key",
+                " RETURNING 1",
                 (outcome, now, command_id, token),
-            ).fetchall()
-            if rows:
-                if rows[0][0] is not None:
-                    db.execute(_LET_GO, (now, rows[0][0], command_id))
-                return outcome
+            ).fetchall()  # drained: the statement (and its autocommit) is finished
+        if rows:
+            return outcome
+        # Not stored: a new statement says why. Tokens are never reused, so what it sees
+        # is this call's answer at that moment.
+        with self._statement() as db:
             row = db.execute(
                 "SELECT outcome FROM pabx_commands WHERE command_id = ?", (command_id,)
             ).fetchone()
@@ -342,14 +346,12 @@ class SqliteStore:
         return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
 
     def release(self, command_id: str, token: str, *, now: float) -> None:
-        with self._transaction() as db:
-            rows = db.execute(
+        with self._statement() as db:  # the trigger lets go of the call in the same statement
+            db.execute(
                 "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
-                " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING call_key",
+                " WHERE command_id = ? AND token = ? AND outcome IS NULL",
                 (now, command_id, token),
-            ).fetchall()
-            if rows and rows[0][0] is not None:
-                db.execute(_LET_GO, (now, rows[0][0], command_id))
+            )
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:
         with self._transaction() as db:
