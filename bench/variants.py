@@ -17,9 +17,11 @@ Patches:
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
-``switch-0.5ms``
-    ``sys.setswitchinterval(0.0005)`` (default 5 ms): how much GIL hand-over delays between
-    the connection thread and the 32 HTTP threads matter.
+``prefetch-1x`` / ``prefetch-2x``
+    The broker hands over CONCURRENCY / twice CONCURRENCY deliveries at a time.
+``switch-0.5ms`` / ``switch-1ms``
+    ``sys.setswitchinterval(0.0005)`` / ``(0.001)`` (default 5 ms): how much GIL hand-over
+    delays between the connection thread and the 32 HTTP threads matter.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ def _poll(seconds: float) -> Callable[[], None]:
     return patch
 
 
-def _switch() -> None:
-    sys.setswitchinterval(0.0005)
+def _switch(seconds: float) -> Callable[[], None]:
+    def patch() -> None:
+        sys.setswitchinterval(seconds)
+
+    return patch
 
 
 def _single_acks() -> None:
@@ -62,13 +67,25 @@ def _gc_default() -> None:
     worker.runtime.tune_gc = lambda: None  # type: ignore[assignment]
 
 
+def _prefetch(per_thread: int) -> Callable[[], None]:
+    def patch() -> None:
+        import worker.consume.consumer
+
+        worker.consume.consumer.PREFETCH_PER_THREAD = per_thread
+
+    return patch
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "prefetch-1x": _prefetch(1),
+    "prefetch-2x": _prefetch(2),
     "gc-default": _gc_default,
     "single-acks": _single_acks,
     "poll-0.5ms": _poll(0.0005),
     "poll-2ms": _poll(0.002),
     "poll-5ms": _poll(0.005),
-    "switch-0.5ms": _switch,
+    "switch-0.5ms": _switch(0.0005),
+    "switch-1ms": _switch(0.001),
 }
 
 
