@@ -47,11 +47,12 @@ log = logging.getLogger("pabx_worker.consumer")
 #: 2 ms cost 10-15 % less CPU per command in the bench, with the same throughput and
 #: latencies (``bench --kinds worker,worker:poll-2ms``).
 BUSY_POLL_S = 0.01
-#: Deliveries the broker may hand over per worker thread (Dramatiq's default too): a
-#: delivery whose outcome waits for the broker's confirm no longer needs its thread, and
-#: the next one can start. Twice CONCURRENCY drained some 8 % more in the bench than
-#: CONCURRENCY (``bench --kinds worker,worker:prefetch-1x``).
-PREFETCH_PER_THREAD = 2
+#: Deliveries the broker may hand over per worker thread. Twice CONCURRENCY drains some 8 %
+#: more in the bench (``bench --kinds worker,worker:prefetch-2x``), but deliveries waiting
+#: for a thread are then taken from other workers, and meet a PABX outage as they start:
+#: one per thread keeps a worker's share of the queue, and what an outage catches in
+#: flight, at CONCURRENCY.
+PREFETCH_PER_THREAD = 1
 #: Poll interval while idle (bounds how fast SIGTERM is noticed).
 IDLE_POLL_S = 0.2
 #: Longest pause between reconnection attempts.
