@@ -777,6 +777,22 @@ def test_claim_and_send_keeps_the_lease_when_the_call_refuses(store: Store) -> N
     assert _sent(store, "c2", claim.token, None, now=T0 + 2) == Send(SendState.SENT, 1)
 
 
+def test_claim_and_send_repeated_with_its_token_is_new_and_counts_on(store: Store) -> None:
+    """A repeat after a lost answer (store outage): the lease is its own, as claim says."""
+    call = CallRef(CALL, T0)
+    first = store.claim_and_send("c1", FP, call, now=T0, lease_s=LEASE, token="tok")
+    again = store.claim_and_send("c1", FP, call, now=T0 + 1, lease_s=LEASE, token="tok")
+    assert first[1] == Send(SendState.SENT, 1)
+    claim, sent = again
+    assert (claim.state, claim.first_seen, claim.attempts, claim.token) == (
+        ClaimState.NEW,
+        T0,
+        1,
+        "tok",
+    )
+    assert sent == Send(SendState.SENT, 2)  # never fewer attempts than requests
+
+
 def test_threads_claim_and_send_one_call_get_one_sent(store: Store) -> None:
     barrier = threading.Barrier(8)
     results: queue.Queue[tuple[Any, Send | None]] = queue.Queue()

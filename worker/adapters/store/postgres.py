@@ -221,6 +221,7 @@ WITH done AS (
 SELECT count(*) FROM done
 """
 _SELECT_OUTCOME = "SELECT outcome FROM {table} WHERE command_id = %s"
+_SELECT_CLAIMED = "SELECT first_seen, attempts FROM {table} WHERE command_id = %s"
 _RELEASE = """
 WITH released AS (
     UPDATE {table} SET state = 'released', token = NULL, updated_at = %(now)s
@@ -332,6 +333,7 @@ class PostgresStore:
         self._mark_sent_sql, self._mark_sent_call_sql = q(_MARK_SENT), q(_MARK_SENT_CALL)
         self._renew_sql, self._record_sql = q(_RENEW), q(_RECORD)
         self._select_outcome, self._release_sql = q(_SELECT_OUTCOME), q(_RELEASE)
+        self._select_claimed = q(_SELECT_CLAIMED)
         self._reserve_slot_sql = q(_RESERVE_SLOT)
         self._purge_sql = (q(_PURGE), q(_PURGE_CALLS), q(_PURGE_SLOTS))
         self._lock_key = f"pabx-worker schema {table}"
@@ -496,14 +498,52 @@ class PostgresStore:
         lease_s: float,
         token: str,
     ) -> tuple[Claim, Send | None]:
-        # Two statements, each atomic, on one connection: a lease just taken cannot be lost
-        # in between, so this answers as claim + mark_sent would, without a transaction's
-        # extra round trips.
         with self._connection() as conn:
+            if call is not None:
+                found = self._insert_and_send(
+                    conn, command_id, fingerprint, call, token, now, lease_s
+                )
+                if found is not None:
+                    return found
+            # Not a new id: a claim as usual, then (the lease taken) the send.
             claim = self._claim_on(conn, command_id, fingerprint, token, now, now + lease_s)
             if claim.state not in TAKEN:
                 return claim, None
             return claim, self._mark_sent_on(conn, command_id, token, call, now, lease_s)
+
+    def _insert_and_send(
+        self,
+        conn: Connection,
+        command_id: str,
+        fingerprint: str,
+        call: CallRef,
+        token: str,
+        now: float,
+        lease_s: float,
+    ) -> tuple[Claim, Send] | None:
+        """The common case in one round trip: the new-id INSERT and the mark_sent statement,
+        pipelined. The mark changes nothing unless the token holds the row, so when the row
+        was there already (None) the caller claims as usual."""
+        until = now + lease_s
+        params = {"id": command_id, "token": token, "now": now, "until": until}
+        params.update(key=call.key, order=call.order)
+        with conn.pipeline():
+            inserted = conn.execute(self._insert, (command_id, fingerprint, now, now, token, until))
+            marked = conn.execute(self._mark_sent_call_sql, params)
+        row = _one_row(marked.fetchone())
+        if inserted.rowcount != 1 and not row[0]:
+            return None  # another holder's, or done: nothing was changed
+        sent = _send_of(row, command_id, call, now)
+        if sent is None:  # refused on a call row created after the statement's snapshot
+            sent = self._mark_sent_on(conn, command_id, token, call, now, lease_s)
+        if inserted.rowcount == 1:
+            return Claim(ClaimState.NEW, now, 0, token), sent
+        # Our own claim repeated (its first answer lost): the row is ours, as claim says.
+        first_seen, attempts = _one_row(
+            conn.execute(self._select_claimed, (command_id,)).fetchone()
+        )
+        before = attempts - 1 if sent.state is SendState.SENT else attempts
+        return Claim(ClaimState.NEW, first_seen, before, token), sent
 
     def reopen(self, command_id: str, outcome: bytes, *, now: float, lease_s: float) -> Claim:
         token = uuid.uuid4().hex
@@ -543,15 +583,9 @@ class PostgresStore:
         params.update(key=call.key, order=call.order)
         for _ in range(3):
             row = _one_row(conn.execute(self._mark_sent_call_sql, params).fetchone())
-            held, attempts, holder_until, newest, newest_order, holder = row
-            if not held:
-                return Send(SendState.LEASE_LOST)
-            if attempts is not None:
-                return Send(SendState.SENT, attempts)
-            if newest not in (None, command_id) and newest_order > call.order:
-                return Send(SendState.SUPERSEDED, newer=newest)
-            if holder not in (None, command_id) and holder_until > now:
-                return Send(SendState.CALL_BUSY, busy_until=holder_until)
+            sent = _send_of(row, command_id, call, now)
+            if sent is not None:
+                return sent
             # Refused on a call row a concurrent first send created after this
             # statement's snapshot: nothing changed; now the row is visible.
         raise self._error(f"mark_sent {command_id!r}: the call record kept changing")
@@ -607,6 +641,20 @@ class PostgresStore:
         for conn in idle:
             with suppress(psycopg.Error):
                 conn.close()
+
+
+def _send_of(row: tuple[Any, ...], command_id: str, call: CallRef, now: float) -> Send | None:
+    """What a ``_MARK_SENT_CALL`` row says; None when the refusal's reason is not known."""
+    held, attempts, holder_until, newest, newest_order, holder = row
+    if not held:
+        return Send(SendState.LEASE_LOST)
+    if attempts is not None:
+        return Send(SendState.SENT, attempts)
+    if newest not in (None, command_id) and newest_order > call.order:
+        return Send(SendState.SUPERSEDED, newer=newest)
+    if holder not in (None, command_id) and holder_until > now:
+        return Send(SendState.CALL_BUSY, busy_until=holder_until)
+    return None
 
 
 def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
