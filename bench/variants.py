@@ -14,6 +14,9 @@ Patches:
 ``single-acks``
     One ``basic.ack`` per delivery instead of one ``multiple`` ack per run of consecutive
     confirmed deliveries.
+``amqp-unbuffered``
+    py-amqp reads the socket field by field (three ``recv`` calls a frame) instead of in
+    chunks of ``worker.adapters.amqp_io.CHUNK``.
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
@@ -76,7 +79,14 @@ def _prefetch(per_thread: int) -> Callable[[], None]:
     return patch
 
 
+def _amqp_unbuffered() -> None:
+    import worker.adapters.amqp_io
+
+    worker.adapters.amqp_io.CHUNK = 0  # recv exactly what py-amqp asks for, as py-amqp does
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "amqp-unbuffered": _amqp_unbuffered,
     "prefetch-1x": _prefetch(1),
     "prefetch-2x": _prefetch(2),
     "gc-default": _gc_default,

@@ -59,6 +59,7 @@ from amqp.exceptions import (
 from amqp.exceptions import ConnectionError as AmqpConnectionError
 from kombu import Connection
 
+from worker.adapters.amqp_io import Transport
 from worker.adapters.channel import AmqpConnection
 from worker.contract.errors import BrokerError, ConfigurationError, PabxWorkerError
 from worker.contract.settings import ENV_PREFIX
@@ -346,6 +347,7 @@ def _open(target: Target, tls: TlsFiles, heartbeat: int) -> Connection:
     try:
         connection = Connection(
             target.text,
+            transport=Transport,  # py-amqp reading the socket in chunks
             ssl=tls.options(target.host) if target.tls else False,
             heartbeat=heartbeat,
             connect_timeout=CONNECT_TIMEOUT_S,
