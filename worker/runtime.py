@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from urllib.parse import urlsplit
@@ -19,7 +19,7 @@ from worker.adapters.systemd import Notifier
 from worker.consume.circuit import CircuitBreaker, CircuitState
 from worker.consume.consumer import Worker
 from worker.consume.leases import LeaseKeeper
-from worker.consume.observability import HealthServer, MeteredPabx, Metrics
+from worker.consume.observability import Exposition, HealthServer, MeteredPabx, Metrics
 from worker.consume.pipeline import PabxClient, Policy, Processor
 from worker.contract.errors import ConfigurationError, StoreError
 from worker.contract.settings import PabxTarget, Settings
@@ -31,6 +31,7 @@ __all__ = [
     "build_processor",
     "run_worker",
     "secrets_of",
+    "serve_health",
     "store_label",
     "tune_gc",
 ]
@@ -292,14 +293,22 @@ def _health_server(settings: Settings, worker: Worker, processor: Processor) -> 
         return state.connected and state.consuming and store_up and processor.store_answers()
 
     worker.metrics.ready.set_function(lambda: int(ready()))
+    return serve_health(settings, worker.metrics, ready, "serving /metrics, /healthz, /readyz")
+
+
+def serve_health(
+    settings: Settings, metrics: Exposition, ready: Callable[[], bool], started: str
+) -> HealthServer:
+    """Start /metrics, /healthz, /readyz on HTTP_HOST:HTTP_PORT and log ``started``; a port
+    that cannot be had is a ConfigurationError naming the setting."""
     try:
         server = HealthServer(
-            host=settings.http_host, port=settings.http_port, metrics=worker.metrics, ready=ready
+            host=settings.http_host, port=settings.http_port, metrics=metrics, ready=ready
         )
     except OSError as exc:
         raise ConfigurationError(
             f"PABX_WORKER_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}:"
             f" {exc.strerror or exc}"
         ) from None
-    log.info("serving /metrics, /healthz, /readyz", extra={"port": server.port})
+    log.info(started, extra={"port": server.port})
     return server.start()

@@ -41,10 +41,9 @@ from prometheus_client.metrics_core import Metric
 
 from worker.adapters.systemd import Notifier
 from worker.consume.observability import HealthServer, merge_expositions
-from worker.contract.errors import ConfigurationError
 from worker.contract.settings import ENV_PREFIX, Settings
 from worker.logs import configure_logging
-from worker.runtime import PROCESS_INDEX_ENV, secrets_of
+from worker.runtime import PROCESS_INDEX_ENV, secrets_of, serve_health
 
 __all__ = [
     "GroupMetrics",
@@ -362,17 +361,9 @@ def _group_server(settings: Settings, supervisor: Supervisor) -> HealthServer | 
     """The group's /metrics, /healthz, /readyz on HTTP_HOST:HTTP_PORT (0: not at all)."""
     if settings.http_port == 0:
         return None
-    try:
-        server = HealthServer(
-            host=settings.http_host,
-            port=settings.http_port,
-            metrics=supervisor.metrics,
-            ready=supervisor.ready,
-        )
-    except OSError as exc:
-        raise ConfigurationError(
-            f"PABX_WORKER_HTTP_PORT: cannot listen on {settings.http_host}:{settings.http_port}:"
-            f" {exc.strerror or exc}"
-        ) from None
-    log.info("serving /metrics, /healthz, /readyz for the group", extra={"port": server.port})
-    return server.start()
+    return serve_health(
+        settings,
+        supervisor.metrics,
+        supervisor.ready,
+        "serving /metrics, /healthz, /readyz for the group",
+    )

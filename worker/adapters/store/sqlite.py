@@ -82,6 +82,24 @@ END;
 """
 
 
+def _inserted(
+    db: sqlite3.Connection,
+    command_id: str,
+    fingerprint: str,
+    token: str,
+    now: float,
+    lease_s: float,
+) -> bool:
+    """Claim a new id (True), or find that it is there already (False, nothing changed)."""
+    cursor = db.execute(
+        "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
+        " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
+        " ON CONFLICT (command_id) DO NOTHING",
+        (command_id, fingerprint, now, now, token, now + lease_s),
+    )
+    return cursor.rowcount == 1
+
+
 class SqliteStore:
     """:class:`~worker.adapters.store.base.Store` on one SQLite file, for threads and processes."""
 
@@ -135,14 +153,8 @@ class SqliteStore:
     ) -> Claim:
         token = token or uuid.uuid4().hex
         with self._statement() as db:  # the common case, a new id: one statement
-            inserted = db.execute(
-                "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
-                " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
-                " ON CONFLICT (command_id) DO NOTHING",
-                (command_id, fingerprint, now, now, token, now + lease_s),
-            ).rowcount
-        if inserted == 1:
-            return Claim(ClaimState.NEW, now, 0, token)
+            if _inserted(db, command_id, fingerprint, token, now, lease_s):
+                return Claim(ClaimState.NEW, now, 0, token)
         with self._transaction() as db:
             return self._claim_in(db, command_id, fingerprint, token, now, lease_s)
 
@@ -172,13 +184,7 @@ class SqliteStore:
         lease_s: float,
     ) -> Claim:
         """The claim, inside a transaction."""
-        inserted = db.execute(
-            "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
-            " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
-            " ON CONFLICT (command_id) DO NOTHING",
-            (command_id, fingerprint, now, now, token, now + lease_s),
-        ).rowcount
-        if inserted == 1:
+        if _inserted(db, command_id, fingerprint, token, now, lease_s):
             return Claim(ClaimState.NEW, now, 0, token)
         row = db.execute(
             "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
