@@ -100,16 +100,25 @@ def assert_attempts_match_requests(
     assert wrong == {}
 
 
+@pytest.fixture(params=["redis", "postgres", "sqlite"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The store URL every worker of a scenario shares: each backend in turn (SQLite: one
+    file for every process, as on one host)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.sqlite3'}"
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
 # -- live leases ------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(180)
 def test_trickled_answer_longer_than_the_lease_is_sent_once(
-    make_rig: Callable[..., Rig], redis_url: str
+    make_rig: Callable[..., Rig], shared_store: str
 ) -> None:
     """Worker A trickles every answer over ~6 s with a 2 s lease; worker B gets the copies."""
     rig = make_rig(
-        store_url=redis_url,
+        store_url=shared_store,
         concurrency=8,
         lease_s=2.0,
         pabx_connect_timeout_s=1.0,
@@ -223,9 +232,11 @@ def test_retry_ambiguous_resends_and_counts_each_resend(
 
 
 @pytest.mark.timeout(240)
-def test_order_per_call_across_three_workers(make_rig: Callable[..., Rig], redis_url: str) -> None:
+def test_order_per_call_across_three_workers(
+    make_rig: Callable[..., Rig], shared_store: str
+) -> None:
     """50 calls of 5 commands, 10 ms apart, PABX latency 5 to 50 ms, three workers."""
-    rig = make_rig(store_url=redis_url, concurrency=16)
+    rig = make_rig(store_url=shared_store, concurrency=16)
     rig.faults(latency_ms=5, latency_max_ms=50)
     workers = fleet(rig, 3)
     run = uuid.uuid4().hex[:8]
@@ -311,9 +322,11 @@ def test_commands_arriving_out_of_issue_order_are_superseded(
 
 
 @pytest.mark.timeout(240)
-def test_rate_limit_holds_for_three_workers(make_rig: Callable[..., Rig], redis_url: str) -> None:
+def test_rate_limit_holds_for_three_workers(
+    make_rig: Callable[..., Rig], shared_store: str
+) -> None:
     rate, count = 20, size(600, 600)
-    rig = make_rig(store_url=redis_url, concurrency=32)
+    rig = make_rig(store_url=shared_store, concurrency=32)
     name = f"fleet{uuid.uuid4().hex[:6]}"
     workers = fleet(
         rig, 3, PABX_WORKER_PABX=targets_env(**{name: {"url": rig.sim.url, "rate_limit": rate}})
