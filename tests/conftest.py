@@ -38,6 +38,18 @@ def require_service(name: str, probe: Callable[[], bool]) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture
+def clean_worker_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ``PABX_WORKER_*`` variable and no ``CREDENTIALS_DIRECTORY`` from the caller's
+    environment: a test's settings are exactly what it gives."""
+    from worker.contract.settings import CREDENTIALS_ENV, ENV_PREFIX
+
+    for name in list(os.environ):
+        if name.upper().startswith(ENV_PREFIX):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv(CREDENTIALS_ENV, raising=False)
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     require_service("RabbitMQ", lambda: _port_open(AMQP_URL, 5672))

@@ -51,13 +51,7 @@ def whole(**changes: Any) -> dict[str, Any]:
     return {"type": "redirect", "version": 1, "redirect": {**VENDOR}, **changes}
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("PABX_WORKER_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_worker_env")
 
 
 # -- CSV -------------------------------------------------------------------------------

@@ -14,14 +14,7 @@ from worker.cli import app
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.upper().startswith("PABX_WORKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_worker_env")
 
 
 def test_topology_export_matches_the_operators_definitions_file() -> None:

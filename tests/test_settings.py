@@ -22,12 +22,7 @@ SECRET = "s3cret-Value-7d41"
 AMQP = f"amqp://pabx:{SECRET}@broker.example:5672/%2F"
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith(ENV_PREFIX):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv(CREDENTIALS_ENV, raising=False)
+pytestmark = pytest.mark.usefixtures("clean_worker_env")
 
 
 def error_of(config: Path | None = None, **values: object) -> str:

@@ -27,12 +27,7 @@ from worker.supervisor import GroupMetrics, Supervisor, group_ready, parse_proce
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("PABX_WORKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_worker_env")
 
 
 # -- the option ---------------------------------------------------------------------------
