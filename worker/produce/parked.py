@@ -231,22 +231,36 @@ class ParkedFilter:
 
 
 @dataclass
-class ReplayReport:
-    """What a replay did."""
+class _Report:
+    """What a pass over the parked queue looked at, picked and finished."""
 
     dry_run: bool
     scanned: int = 0
     selected: list[ParkedMessage] = field(default_factory=list)
-    replayed: list[ParkedMessage] = field(default_factory=list)
-    failed: list[tuple[ParkedMessage, str]] = field(default_factory=list)
-    #: Why the replay stopped early (connection lost), else None.
+    #: Why the pass stopped early (connection lost), else None.
     error: str | None = None
 
     @property
+    def done(self) -> list[ParkedMessage]:
+        """The selected messages the pass finished with."""
+        raise NotImplementedError
+
+    @property
     def ok(self) -> bool:
-        if self.dry_run:
-            return self.error is None
-        return self.error is None and len(self.replayed) == len(self.selected)
+        finished = self.dry_run or len(self.done) == len(self.selected)
+        return self.error is None and finished
+
+
+@dataclass
+class ReplayReport(_Report):
+    """What a replay did."""
+
+    replayed: list[ParkedMessage] = field(default_factory=list)
+    failed: list[tuple[ParkedMessage, str]] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[ParkedMessage]:
+        return self.replayed
 
 
 #: Called for each message replayed (``ok``) or not, with the reason.
@@ -254,21 +268,15 @@ OnReplayed = Callable[[ParkedMessage, bool, str | None], None]
 
 
 @dataclass
-class DiscardReport:
+class DiscardReport(_Report):
     """What a discard did."""
 
-    dry_run: bool
-    scanned: int = 0
-    selected: list[ParkedMessage] = field(default_factory=list)
     #: Archived, then acknowledged: gone from the queue.
     discarded: list[ParkedMessage] = field(default_factory=list)
-    #: Why the discard stopped early (connection lost), else None.
-    error: str | None = None
 
     @property
-    def ok(self) -> bool:
-        done = self.dry_run or len(self.discarded) == len(self.selected)
-        return self.error is None and done
+    def done(self) -> list[ParkedMessage]:
+        return self.discarded
 
 
 class ParkedQueue:
