@@ -486,13 +486,11 @@ class Processor:
             return None
         if self.breakers[command.pabx].state is not CircuitState.CLOSED:
             return None
-        issued = command.issued_at or prepared.delivery.timestamp
-        if issued is None:
+        if (command.issued_at or prepared.delivery.timestamp) is None:
+            return None  # first seen, the issue order: known only once claimed
+        if self._clock() >= self._deadline(command, prepared.delivery, 0.0):
             return None
-        deadline = self._deadline(command, prepared.delivery, 0.0)
-        if self._clock() >= deadline:
-            return None
-        return CallRef(prepared.call_key, issued.timestamp())
+        return self._call(prepared, 0.0)
 
     @staticmethod
     def _replayed_after(prepared: Valid, claim: Claim) -> bool:
