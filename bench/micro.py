@@ -163,7 +163,7 @@ def http_steps(sim_url: str, n: int, results: list[dict[str, Any]]) -> None:
     body = json.loads(command_body("h", 0, time.time()))["redirect"]
     pabx = HttpPabx(pool_size=4, connect_timeout_s=3, read_timeout_s=5)
     measure(
-        "HttpPabx.redirect (requests.Session, as today)",
+        "HttpPabx.redirect (its own HTTP/1.1, as today)",
         n,
         lambda i: pabx.redirect(target, CHANNEL_ID, body),
         results,

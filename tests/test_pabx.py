@@ -8,6 +8,7 @@ stop by themselves.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import struct
 import threading
@@ -17,15 +18,17 @@ from typing import Any
 
 import pytest
 import requests
-import urllib3.util.connection
 
+import worker.adapters.pabx
 from tests.kit.samples import VENDOR_REQUIRED
 from worker.adapters.pabx import HttpPabx
 from worker.contract.errors import (
+    ConfigurationError,
     PabxBadRequest,
     PabxError,
     PabxForbidden,
     PabxOutcomeUnknown,
+    PabxPermanentError,
     PabxRejected,
     PabxUnauthorized,
     PabxUnavailable,
@@ -333,13 +336,13 @@ def test_time_bound_passed_before_sending_is_not_sent(
     quick: HttpPabx, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A slow name lookup (not bounded by the connect timeout) eats the whole time bound.
-    real = urllib3.util.connection.create_connection
+    real = worker.adapters.pabx._open_socket
 
     def slow_lookup(*args: Any, **kwargs: Any) -> socket.socket:
         time.sleep(1.0)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(urllib3.util.connection, "create_connection", slow_lookup)
+    monkeypatch.setattr(worker.adapters.pabx, "_open_socket", slow_lookup)
     with RawServer(keep_alive()) as server:
         with pytest.raises(PabxUnreachable, match=r"not reached within 0\.8 s"):
             quick.redirect(target(server.url), 17, BODY)
@@ -378,11 +381,9 @@ def test_pooled_connection_shut_down_after_its_answer_is_harmless(quick: HttpPab
     # What a watch firing just after the answer was read does: the next request reconnects.
     with RawServer(keep_alive()) as server:
         assert quick.redirect(target(server.url), 17, BODY) == 200
-        pool = quick._pool.connection_from_url(server.url)
-        assert pool.pool is not None
-        idle = [conn for conn in list(pool.pool.queue) if conn is not None]
-        assert len(idle) == 1 and idle[0].sock is not None
-        idle[0].sock.shutdown(socket.SHUT_RDWR)
+        (route,) = quick._routes.values()
+        assert len(route.idle) == 1
+        route.idle[0].sock.shutdown(socket.SHUT_RDWR)
         assert quick.redirect(target(server.url), 17, BODY) == 200
     assert server.connections == 2
 
@@ -416,3 +417,192 @@ def test_reaper_thread_is_gone_after_close() -> None:
     assert len(reapers) == 1 and reapers[0].is_alive()
     pabx.close()
     assert not reapers[0].is_alive()
+
+
+# --- the wire: what goes out, and answers of every shape --------------------------------
+
+
+def answering(*answers: bytes, seen: list[bytes] | None = None) -> Callable[..., None]:
+    """Answer the requests of one connection with ``answers`` in turn, then close it.
+
+    ``seen`` collects each request's head as it arrived.
+    """
+
+    def handle(conn: socket.socket, server: RawServer) -> None:
+        data = b""
+        for answer in answers:
+            while b"\r\n\r\n" not in data:
+                chunk = server.recv(conn, 5.0)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            while len(data) < length:
+                data += server.recv(conn, 5.0)
+            data = data[length:]
+            server.requests += 1
+            if seen is not None:
+                seen.append(head)
+            conn.sendall(answer)
+
+    return handle
+
+
+def test_request_head_is_one_post_with_host_length_and_key(quick: HttpPabx) -> None:
+    seen: list[bytes] = []
+    with RawServer(answering(OK, seen=seen)) as server:
+        assert quick.redirect(target(f"{server.url}/cti/"), 23, BODY) == 200
+    lines = seen[0].decode().split("\r\n")
+    assert lines[0] == "POST /cti/requests/23/executa-desvio HTTP/1.1"
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    assert headers["Host"] == server.url.removeprefix("http://")
+    assert headers["x-api-key"] == KEY
+    assert headers["Content-Type"] == "application/json"
+    assert int(headers["Content-Length"]) == len(json.dumps(BODY, ensure_ascii=False).encode())
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;x=1\r\nhello\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+        b'HTTP/1.1 200 OK\r\ncontent-length: 4\r\nX-Other:spaced\r\n\r\n{"a"',
+    ],
+    ids=["chunked", "interim-100", "lower-case-length"],
+)
+def test_answers_read_in_full_keep_the_connection(quick: HttpPabx, answer: bytes) -> None:
+    with RawServer(answering(answer, answer)) as server:
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+    assert (server.connections, server.requests) == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\nbody until the connection ends",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n",  # more than asked
+    ],
+    ids=["connection-close", "http-1.0", "until-eof", "trailing-bytes"],
+)
+def test_answers_that_end_the_connection_are_not_reused(quick: HttpPabx, answer: bytes) -> None:
+    def once(conn: socket.socket, server: RawServer) -> None:
+        answering(answer)(conn, server)
+        if b"Content-Length" not in answer:
+            conn.shutdown(socket.SHUT_WR)  # an answer read until EOF ends here
+        server.wait_gone(conn)  # a request sent on this connection again goes unanswered
+
+    with RawServer(once) as server:
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+    assert (server.connections, server.requests) == (2, 2)
+
+
+def test_keep_alive_1_0_answer_keeps_the_connection(quick: HttpPabx) -> None:
+    answer = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 0\r\n\r\n"
+    with RawServer(answering(answer, answer)) as server:
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+    assert server.connections == 1
+
+
+def test_status_of_a_chunked_error_answer_is_mapped(quick: HttpPabx) -> None:
+    answer = b"HTTP/1.1 403 Forbidden\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n"
+    with RawServer(answering(answer)) as server, pytest.raises(PabxForbidden):
+        quick.redirect(target(server.url), 17, BODY)
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 2OO OK\r\n\r\n", "not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "header line without a colon"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: ten\r\n\r\n", "Content-Length is not a number"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "Content-Length is negative"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            "chunk size is not a number",
+        ),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000, "answer head longer than"),
+    ],
+    ids=["not-http", "bad-status", "no-colon", "bad-length", "negative", "bad-chunk", "huge"],
+)
+def test_unreadable_answer_after_sending_is_ambiguous(
+    quick: HttpPabx, answer: bytes, why: str
+) -> None:
+    with (
+        RawServer(answering(answer)) as server,
+        pytest.raises(PabxOutcomeUnknown, match=f"unreadable after the request was sent: {why}"),
+    ):
+        quick.redirect(target(server.url), 17, BODY)
+    assert server.requests == 1
+
+
+def test_answer_cut_short_by_the_pabx_is_ambiguous(quick: HttpPabx) -> None:
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"
+    with (
+        RawServer(answering(answer)) as server,
+        pytest.raises(PabxOutcomeUnknown, match="connection lost after the request was sent"),
+    ):
+        quick.redirect(target(server.url), 17, BODY)
+
+
+def test_long_answer_body_is_not_read_and_its_connection_not_kept(quick: HttpPabx) -> None:
+    big = 2 << 20  # past what the client reads and throws away
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % big
+    with RawServer(answering(answer, answer)) as server:
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+        assert quick.redirect(target(server.url), 17, BODY) == 200
+    assert server.connections == 2
+
+
+def test_idle_connections_kept_at_most_pool_size(sim: SimulatorThread) -> None:
+    requests.put(f"{sim.url}/_sim/faults", json={"latency_ms": 100}, timeout=5)
+    pabx = HttpPabx(pool_size=2, connect_timeout_s=1, read_timeout_s=2)
+    try:
+        threads = [
+            threading.Thread(target=pabx.redirect, args=(target(sim.url), 17, BODY))
+            for _ in range(5)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        (route,) = pabx._routes.values()
+        assert len(route.idle) == 2
+    finally:
+        requests.put(f"{sim.url}/_sim/faults", json={}, timeout=5)
+        pabx.close()
+    assert len(route.idle) == 0
+
+
+def test_key_a_header_cannot_carry_is_refused_before_sending(quick: HttpPabx) -> None:
+    with RawServer(answering(OK)) as server:
+        with pytest.raises(PabxPermanentError, match="printable ASCII") as info:
+            quick.redirect(target(server.url, key="k\r\nX-Injected: 1"), 17, BODY)
+        assert "Injected" not in str(info.value)
+    assert server.requests == 0
+
+
+def test_key_a_header_cannot_carry_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match=r"pabx\.main\.api_key: .*printable ASCII"):
+        HttpPabx(
+            pool_size=1,
+            connect_timeout_s=1,
+            read_timeout_s=1,
+            targets={"main": target("http://127.0.0.1:9", key="clé")},
+        )
+
+
+def test_trace_headers_a_header_cannot_carry_are_dropped(quick: HttpPabx) -> None:
+    seen: list[bytes] = []
+    trace = {"traceparent": "00-ab-cd-01", "tracestate": "a=1\r\nX-Injected: 1"}
+    with RawServer(answering(OK, seen=seen)) as server:
+        assert quick._redirect(target(server.url), 17, BODY, trace) == 200
+    lines = seen[0].split(b"\r\n")
+    assert b"traceparent: 00-ab-cd-01" in lines and b"Injected" not in seen[0]

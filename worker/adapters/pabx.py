@@ -1,32 +1,40 @@
-"""The PABX client: ``POST {url}/requests/{channelID}/executa-desvio`` over pooled keep-alive.
+"""The PABX client: ``POST {url}/requests/{channelID}/executa-desvio`` over kept-alive HTTP/1.1.
 
-Only this module knows the HTTP library (urllib3: a fraction of the CPU per call that
-``requests`` spends, which bounds a worker's throughput); its exceptions and non-200
-answers are mapped here to :mod:`worker.contract.errors`.
+Only this module speaks HTTP to the PABX; its failures and non-200 answers are mapped here
+to :mod:`worker.contract.errors`.
+
+Why HTTP/1.1 by hand
+    The worker sends one kind of request (a small ``POST`` with a JSON body) and needs one
+    thing from the answer (its status), on up to ``CONCURRENCY`` threads at once. A request
+    is written as one buffer and the answer read in chunks of 64 KiB, its head parsed just
+    enough to find where it ends (``Content-Length``, ``chunked`` or the end of the
+    connection). That costs about a quarter of the CPU per request that urllib3's pool
+    costs (74 against 326 µs in one run of ``python -m bench.micro``), and CPU per command
+    is what bounds a worker's throughput.
+    urllib3 is still what builds the TLS contexts.
 
 Time bound
-    urllib3's ``Timeout(connect, read)`` bounds each socket operation, not a request: a
-    PABX trickling its answer a byte at a time would hold a request open forever. One
-    request as a whole (connect, TLS handshake, send, status line, headers, body) is
-    therefore bounded by ``connect_timeout_s + read_timeout_s``. Each :class:`HttpPabx` owns
-    one watchdog thread, the *reaper*, with a heap of (deadline, watch): a request registers
-    a watch (a heap push under a lock, no thread of its own), the connection carrying it
-    attaches itself to that watch, and when the deadline passes while the request is still
-    running the reaper shuts the connection's socket down, so the blocked read fails at
-    once. The connection is detached from its watch as soon as the answer is read, so a
-    watch firing later leaves it alone; one shut down just before (an answer complete at
-    the very deadline) goes back to the pool, where urllib3 finds it dead and replaces it.
+    Socket timeouts bound each socket operation, not a request: a PABX trickling its answer
+    a byte at a time would hold a request open forever. One request as a whole (connect,
+    TLS handshake, send, the whole answer) is therefore bounded by
+    ``connect_timeout_s + read_timeout_s``. Each :class:`HttpPabx` owns one watchdog thread,
+    the *reaper*, with a heap of (deadline, watch): a request registers a watch (a heap push
+    under a lock, no thread of its own), the socket carrying it attaches itself to that
+    watch, and when the deadline passes while the request is still running the reaper shuts
+    the socket down, so the blocked read fails at once. The socket is detached from its
+    watch as soon as the answer is read, so a watch firing later leaves it alone; an answer
+    read in full stands even if its watch fired just after, and a connection shut down then
+    is closed instead of kept.
 
 TLS
     An ``https://`` target is verified against the system CAs, or its ``ca_file``, host name
     included; ``cert_file``/``key_file`` are the client certificate for mutual TLS;
     ``verify = false`` turns verification off (warned once, at construction). Each target
-    has its own SSL context, built once, and so its own pool: urllib3 keys pools by scheme,
-    host, port *and* TLS settings, so two targets on one host never share a connection.
-    Given ``targets``, the constructor builds every context up front and fails with a
-    :class:`~worker.contract.errors.ConfigurationError` naming the target and the key of a file it
-    cannot load; a target it was not given gets its context on its first request, and a
-    file that cannot be loaded then fails that request
+    has its own SSL context, built once, and its own connections: two targets on one host
+    never share one. Given ``targets``, the constructor builds every context up front and
+    fails with a :class:`~worker.contract.errors.ConfigurationError` naming the target and
+    the key of a file it cannot load; a target it was not given gets its context on its
+    first request, and a file that cannot be loaded then fails that request
     (:class:`~worker.contract.errors.PabxTlsError`).
 
 Classification
@@ -40,47 +48,48 @@ Classification
     TLS handshake cut short included), the time bound reached before that; and the answers
     429 and 503 (:class:`~worker.contract.errors.PabxUnavailable`).
     *Ambiguous* (:class:`~worker.contract.errors.PabxOutcomeUnknown`): once the request was written,
-    a read timeout, a reset or close of the connection, an answer cut short at the time
-    bound (even if its status line had come); and the answers 500, 502 and 504. Other
-    non-200 answers are permanent (:func:`~worker.contract.errors.error_for_status`). Messages name
-    the failure, never a secret.
+    a read timeout, a reset or close of the connection, an answer that is not HTTP or is
+    cut short at the time bound (even if its status line had come); and the answers 500,
+    502 and 504. Other non-200 answers are permanent
+    (:func:`~worker.contract.errors.error_for_status`). Messages name the failure, never a
+    secret.
 
 Keep-alive
-    urllib3 drops a pooled connection it finds closed by the PABX; besides, a connection
-    idle for longer than ``idle_timeout_s`` (keep it below the PABX's keep-alive timeout) is
-    closed and replaced instead of reused, so a request never meets a socket the PABX is
-    closing.
+    A pooled connection the PABX has closed (or that holds bytes nobody asked for) is found
+    by a zero-timeout poll when it is taken and replaced; besides, a connection idle for
+    longer than ``idle_timeout_s`` (keep it below the PABX's keep-alive timeout) is closed
+    and replaced instead of reused, so a request never meets a socket the PABX is closing.
+    At most ``pool_size`` idle connections are kept per target; more are opened when more
+    requests run at once, and closed when they come back to a full pool.
 """
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
 import logging
 import math
 import re
+import select
 import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import ConnectTimeoutError, HTTPError, NewConnectionError, ReadTimeoutError
 from urllib3.util import parse_url
 from urllib3.util.ssl_ import create_urllib3_context
-from urllib3.util.ssl_match_hostname import CertificateError
 
 from worker.contract.errors import (
     ConfigurationError,
     PabxError,
     PabxOutcomeUnknown,
+    PabxPermanentError,
     PabxTlsError,
     PabxUnreachable,
     error_for_status,
@@ -95,8 +104,12 @@ OPERATION = "executa-desvio"
 
 #: How soon the reaper tries again to cut a request whose socket is not there yet.
 _RETRY_CUT_S = 0.02
-#: Pools kept at least (one per https target, one per plain host); more when more targets.
-_MIN_POOLS = 8
+#: Bytes asked of the socket per read.
+_CHUNK = 65536
+#: Longest answer head (status line and headers) read.
+_MAX_HEAD = 65536
+#: Longest answer body read and thrown away; a longer one closes the connection instead.
+_MAX_BODY = 1 << 20
 #: Fatal alerts a TLS server sends when it will not take our certificate or settings.
 _REFUSALS = frozenset(
     {
@@ -120,14 +133,14 @@ log = logging.getLogger("pabx_worker.pabx")
 
 
 class _Watch:
-    """One request's deadline and the connection carrying it; guarded by the reaper's lock."""
+    """One request's deadline and the socket carrying it; guarded by the reaper's lock."""
 
-    __slots__ = ("active", "conn", "cut", "deadline", "fired", "lock", "sent")
+    __slots__ = ("active", "cut", "deadline", "fired", "lock", "sent", "sock")
 
     def __init__(self, deadline: float, lock: threading.Lock) -> None:
         self.deadline = deadline
         self.lock = lock
-        self.conn: HTTPConnection | None = None
+        self.sock: socket.socket | None = None
         #: False once the request is over: the reaper leaves it alone.
         self.active = True
         #: The deadline passed while the request was running.
@@ -137,177 +150,206 @@ class _Watch:
         #: The reaper shut the socket down before the answer was read in full.
         self.cut = False
 
+    def attach(self, sock: socket.socket | None) -> None:
+        with self.lock:
+            self.sock = sock
 
-class _Current(threading.local):
-    """The watch of the request this thread is making, set around the urllib3 call."""
-
-    watch: _Watch | None = None
-
-
-_current = _Current()
+    def start_sending(self) -> None:
+        """Mark the request sent, unless its time bound has passed (then it never will be)."""
+        with self.lock:
+            if self.fired:
+                raise _DeadlinePassed("time bound passed before the request was sent")
+            self.sent = True
 
 
 class _DeadlinePassed(ConnectionAbortedError):
     """Raised instead of writing a request whose time bound has already passed."""
 
 
-def _attach(conn: HTTPConnection) -> _Watch | None:
-    watch = _current.watch
-    if watch is not None and watch.conn is not conn:
-        with watch.lock:
-            watch.conn = conn
-    return watch
+class _BadAnswer(Exception):
+    """The PABX's answer is not an HTTP/1.x answer this client can read."""
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    """Attaches itself to the current thread's watch when it connects or sends.
+class _ConnectFailed(Exception):
+    """Opening the connection failed (TCP or TLS): the request was not sent."""
 
-    The header block is held back and written with the body, in one write (one TLS
-    record): the request goes out whole or not at all, and a PABX refusing our TLS
-    certificate, which closes the connection as the request arrives, cannot fail the
-    second of two writes before its alert can be read.
-    """
+    def __init__(self, cause: BaseException, *, timed_out: bool) -> None:
+        super().__init__(cause)
+        self.cause = cause
+        self.timed_out = timed_out
 
-    #: When the pool got the connection back; None while in use.
-    idle_since: float | None = None
-    #: Inside ``endheaders``: what ``send`` gets is the header block, to hold back.
-    _holding = False
-    #: The header block held back.
-    _head: bytes | None = None
 
-    def connect(self) -> None:
-        _attach(self)
-        super().connect()
+def _open_socket(address: tuple[str, int], timeout_s: float) -> socket.socket:
+    """A connected TCP socket, Nagle off."""
+    sock = socket.create_connection(address, timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
-    def endheaders(self, message_body: Any = None, *, encode_chunked: bool = False) -> None:
-        self._head, self._holding = None, True
+
+class _Conn:
+    """One kept-alive connection: its socket and the bytes read but not yet used."""
+
+    __slots__ = ("buf", "idle_since", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.idle_since = 0.0
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def dropped(self) -> bool:
+        """Closed by the PABX, or holding bytes nobody asked for, while it was idle."""
+        if self.buf or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
+            return True
         try:
-            super().endheaders(message_body, encode_chunked=encode_chunked)
-        finally:
-            self._holding = False
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        except (OSError, ValueError):
+            return True
 
-    def send(self, data: Any) -> None:
-        if self._holding and isinstance(data, bytes):
-            self._head = data if self._head is None else self._head + data
-            return
-        head, self._head = self._head, None
-        if head is not None:
-            if isinstance(data, bytes):
-                data = head + data
-            else:
-                self._write(head)
-        self._write(data)
+    def _fill(self) -> None:
+        data = self.sock.recv(_CHUNK)
+        if not data:
+            raise ConnectionAbortedError("the PABX closed the connection")
+        self.buf += data
 
-    def _write(self, data: Any) -> None:
-        watch = _attach(self)
-        if watch is not None and not watch.sent:
-            if self.sock is None:
-                self.connect()  # what http.client would do: connect failures stay "not sent"
-            with watch.lock:
-                if watch.fired:
-                    raise _DeadlinePassed("time bound passed before the request was sent")
-                watch.sent = True
-        super().send(data)
+    def read_answer(self) -> tuple[int, bool]:
+        """Read one whole answer: its status, and whether the connection can carry another."""
+        while True:
+            status, keep, length, chunked = self._read_head()
+            if not 100 <= status < 200:
+                break
+        if chunked:
+            keep = self._skip_chunked() and keep
+        elif length is not None:
+            keep = self._skip(length) and keep
+        elif status not in (204, 304):
+            self._skip_to_eof()
+            keep = False
+        return status, keep and not self.buf
 
-    def getresponse(self) -> Any:
-        head, self._head = self._head, None
-        if head is not None:  # a request without a body
-            self._write(head)
-        # The answer is read in full here (preload_content): detach at once, so a watch
-        # firing from now on leaves the connection alone.
-        response = super().getresponse()
-        _detach(self)
-        return response
+    def _read_head(self) -> tuple[int, bool, int | None, bool]:
+        buf = self.buf
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > _MAX_HEAD:
+                raise _BadAnswer(f"answer head longer than {_MAX_HEAD} bytes")
+            self._fill()
+        lines = bytes(buf[:end]).split(b"\r\n")
+        del buf[: end + 4]
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if not version.startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
+            raise _BadAnswer("not an HTTP/1.x status line")
+        keep = version == b"HTTP/1.1"
+        length: int | None = None
+        chunked = False
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon:
+                raise _BadAnswer("header line without a colon")
+            name = name.strip().lower()
+            if name == b"content-length":
+                try:
+                    length = int(value)
+                except ValueError:
+                    raise _BadAnswer("Content-Length is not a number") from None
+                if length < 0:
+                    raise _BadAnswer("Content-Length is negative")
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif name == b"connection":
+                token = value.strip().lower()
+                keep = (keep and token != b"close") or token == b"keep-alive"
+        return int(code), keep, length, chunked
 
+    def _skip(self, length: int) -> bool:
+        """Read ``length`` body bytes past; False (and nothing read) when too long to keep."""
+        if length > _MAX_BODY:
+            return False
+        while len(self.buf) < length:
+            self._fill()
+        del self.buf[:length]
+        return True
 
-class _WatchedHTTPSConnection(_WatchedHTTPConnection, HTTPSConnection):
-    """The TLS flavour; the handshake runs in ``connect``, so it is watched too."""
+    def _line(self) -> bytes:
+        while (end := self.buf.find(b"\r\n")) < 0:
+            if len(self.buf) > _MAX_HEAD:
+                raise _BadAnswer("chunk line too long")
+            self._fill()
+        line = bytes(self.buf[:end])
+        del self.buf[: end + 2]
+        return line
 
+    def _skip_chunked(self) -> bool:
+        total = 0
+        while True:
+            try:
+                size = int(self._line().partition(b";")[0], 16)
+            except ValueError:
+                raise _BadAnswer("chunk size is not a number") from None
+            if size == 0:
+                while self._line():  # trailers, up to the empty line
+                    pass
+                return True
+            total += size
+            if total > _MAX_BODY or not self._skip(size + 2):
+                return False
 
-def _take(conn: Any, idle_timeout_s: float) -> Any:
-    """A connection leaving the pool: closed (to reconnect) if idle for too long."""
-    if isinstance(conn, _WatchedHTTPConnection):
-        since, conn.idle_since = conn.idle_since, None
-        if since is not None and time.monotonic() - since > idle_timeout_s and not conn.is_closed:
-            conn.close()
-    return conn
-
-
-def _detach(conn: HTTPConnection) -> None:
-    watch = _current.watch
-    if watch is not None and watch.conn is conn:
-        with watch.lock:
-            watch.conn = None
-
-
-def _give_back(conn: Any) -> None:
-    """A connection going back to the pool: detached from this thread's watch, timestamped."""
-    if isinstance(conn, _WatchedHTTPConnection):
-        _detach(conn)
-        conn.idle_since = time.monotonic()
-
-
-class _WatchedHTTPPool(HTTPConnectionPool):
-    ConnectionCls = _WatchedHTTPConnection
-    idle_timeout_s = 4.0
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _take(super()._get_conn(timeout), self.idle_timeout_s)
-
-    def _put_conn(self, conn: Any) -> None:
-        _give_back(conn)
-        super()._put_conn(conn)
-
-
-class _WatchedHTTPSPool(HTTPSConnectionPool):
-    ConnectionCls = _WatchedHTTPSConnection
-    idle_timeout_s = 4.0
-
-    def _validate_conn(self, conn: Any) -> None:
-        # urllib3's version warns on every unverified connection: ``verify = false`` is a
-        # setting, warned about once when the client is made.
-        if conn.is_closed:
-            conn.connect()
-
-    def _get_conn(self, timeout: float | None = None) -> Any:
-        return _take(super()._get_conn(timeout), self.idle_timeout_s)
-
-    def _put_conn(self, conn: Any) -> None:
-        _give_back(conn)
-        super()._put_conn(conn)
-
-
-class _PoolManager(urllib3.PoolManager):
-    """A PoolManager whose pools hand out watched connections and expire idle ones."""
-
-    def __init__(self, *, idle_timeout_s: float, **connection_pool_kw: Any) -> None:
-        super().__init__(**connection_pool_kw)
-        self.idle_timeout_s = idle_timeout_s
-        self.pool_classes_by_scheme = {"http": _WatchedHTTPPool, "https": _WatchedHTTPSPool}
-
-    def _new_pool(
-        self,
-        scheme: str,
-        host: str,
-        port: int,
-        request_context: dict[str, Any] | None = None,
-    ) -> HTTPConnectionPool:
-        pool = super()._new_pool(scheme, host, port, request_context)
-        if isinstance(pool, _WatchedHTTPPool | _WatchedHTTPSPool):
-            pool.idle_timeout_s = self.idle_timeout_s
-        return pool
+    def _skip_to_eof(self) -> None:
+        total = len(self.buf)
+        self.buf.clear()
+        while total <= _MAX_BODY:
+            data = self.sock.recv(_CHUNK)
+            if not data:
+                return
+            total += len(data)
 
 
-@dataclass(frozen=True, slots=True)
 class _Route:
-    """Where a target's requests go: its pool's key and its path prefix."""
+    """How one target is reached: address, TLS context, path prefix and idle connections."""
 
-    scheme: str
-    host: str
-    port: int | None
-    prefix: str
-    #: ``{"ssl_context": ...}`` for an https target (its own pool); None for plain HTTP.
-    pool_kwargs: dict[str, Any] | None
+    __slots__ = ("address", "host_header", "idle", "prefix", "server_hostname", "tls")
+
+    def __init__(
+        self, address: tuple[str, int], host_header: str, prefix: str, tls: ssl.SSLContext | None
+    ) -> None:
+        self.address = address
+        self.host_header = host_header
+        self.prefix = prefix
+        self.tls = tls
+        self.server_hostname = address[0]
+        #: Idle connections, the most recently used last (deque ends are thread-safe).
+        self.idle: deque[_Conn] = deque()
+
+    def take(self, idle_timeout_s: float) -> _Conn | None:
+        """The most recently used idle connection still fit to use, or None."""
+        now = time.monotonic()
+        while True:
+            try:
+                conn = self.idle.pop()
+            except IndexError:
+                return None
+            if now - conn.idle_since <= idle_timeout_s and not conn.dropped():
+                return conn
+            conn.close()
+
+    def give_back(self, conn: _Conn, keep_at_most: int) -> None:
+        if len(self.idle) >= keep_at_most:
+            conn.close()
+            return
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def clear(self) -> None:
+        while True:
+            try:
+                self.idle.pop().close()
+            except IndexError:
+                return
 
 
 def _route_key(target: PabxTarget) -> tuple[Any, ...]:
@@ -343,6 +385,7 @@ def _ssl_context(target: PabxTarget, name: str) -> ssl.SSLContext:
     if not target.verify:
         return _with_client_cert(create_urllib3_context(cert_reqs=ssl.CERT_NONE), target, name)
     context = create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    context.check_hostname = True
     ca_file = target.ca_file
     if ca_file is None:
         context.load_default_certs()
@@ -374,6 +417,11 @@ def _check_files(target: PabxTarget, name: str) -> None:
         raise ConfigurationError(f"pabx.{name}.key_file: needs cert_file, the certificate")
 
 
+def _header_safe(value: str) -> bool:
+    """Can go in an HTTP header as it is: printable ASCII, no line break."""
+    return value.isascii() and value.isprintable()
+
+
 def _make_route(target: PabxTarget, name: str) -> _Route:
     """How to reach ``target``; ConfigurationError naming a TLS file it cannot use."""
     _check_files(target, name)
@@ -381,8 +429,12 @@ def _make_route(target: PabxTarget, name: str) -> _Route:
     scheme = url.scheme or "http"
     if url.host is None:
         raise ConfigurationError(f"pabx.{name}.url: no host in {target.url}")
-    tls = {"ssl_context": _ssl_context(target, name)} if scheme == "https" else None
-    return _Route(scheme, url.host, url.port, (url.path or "").rstrip("/"), tls)
+    default_port = 443 if scheme == "https" else 80
+    port = url.port or default_port
+    host_header = url.host if port == default_port else f"{url.host}:{port}"
+    tls = _ssl_context(target, name) if scheme == "https" else None
+    address = (url.host.strip("[]"), port)
+    return _Route(address, host_header, (url.path or "").rstrip("/"), tls)
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -402,7 +454,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def _tls_refusal(exc: BaseException) -> str | None:
     """Why the TLS handshake failed for good, or None if it did not, or might not."""
     for cause in _causes(exc):
-        if isinstance(cause, ssl.SSLCertVerificationError | CertificateError):
+        if isinstance(cause, ssl.SSLCertVerificationError):
             return _SSL_NOISE.sub("", str(cause))
         if isinstance(cause, ssl.SSLError) and cause.reason in _REFUSALS:
             return f"refused by the PABX: {_SSL_NOISE.sub('', str(cause))}"
@@ -438,18 +490,20 @@ class _Reaper:
                 self._wake.notify()
         return watch
 
-    def release(self, watch: _Watch) -> None:
+    def release(self, watch: _Watch) -> bool:
         """The request is over: drop it, and the finished requests behind it, off the heap top.
 
         Deadlines are mostly in request order, so the heap stays about as long as the
-        requests in flight and the thread sleeps until a deadline that may matter.
+        requests in flight and the thread sleeps until a deadline that may matter. Returns
+        whether the reaper had cut the request's socket.
         """
         with self.lock:
             watch.active = False
-            watch.conn = None
+            watch.sock = None
             heap = self._heap
             while heap and not heap[0][2].active:
                 heapq.heappop(heap)
+            return watch.cut
 
     def stop(self) -> None:
         """Stop and join the thread; the next :meth:`watch` starts another."""
@@ -476,8 +530,8 @@ class _Reaper:
     def _cut(watch: _Watch) -> bool:
         """Shut the request's socket down (lock held); False to try again shortly."""
         watch.fired = True
-        sock = None if watch.conn is None else watch.conn.sock
-        if not isinstance(sock, socket.socket):
+        sock = watch.sock
+        if sock is None:
             return False  # connecting, or between connections
         try:
             # The plain socket's shutdown, also for an SSLSocket: the blocked read sees EOF.
@@ -489,7 +543,7 @@ class _Reaper:
 
 
 class HttpPabx:
-    """A :class:`~worker.consume.pipeline.PabxClient` over urllib3: pooled, kept alive, bounded."""
+    """A :class:`~worker.consume.pipeline.PabxClient` over HTTP/1.1: pooled, kept alive, bounded."""
 
     def __init__(
         self,
@@ -504,11 +558,19 @@ class HttpPabx:
         """``targets``: check and prepare each one's TLS now (ConfigurationError naming it);
         ``tracing``: a child span per request, its ``traceparent`` sent to the PABX."""
         self._tracing = tracing
+        self._pool_size = pool_size
+        self._connect_timeout_s = connect_timeout_s
+        self._read_timeout_s = read_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._bound_s = connect_timeout_s + read_timeout_s
         self._too_long = f"PABX answer took longer than {self._bound_s:g} s"
         self._routes: dict[tuple[Any, ...], _Route] = {}
         self._routes_lock = threading.Lock()
         for name, target in (targets or {}).items():
+            if not _header_safe(target.api_key.get_secret_value()):
+                raise ConfigurationError(
+                    f"pabx.{name}.api_key: an HTTP header carries printable ASCII only"
+                )
             self._routes[_route_key(target)] = _make_route(target, name)
             if not target.verify:
                 log.warning(
@@ -518,14 +580,6 @@ class HttpPabx:
                     extra={"target": name},
                 )
         self._reaper = _Reaper()
-        self._pool = _PoolManager(
-            idle_timeout_s=idle_timeout_s,
-            num_pools=max(_MIN_POOLS, len(targets or ())),
-            maxsize=pool_size,
-            block=False,
-            retries=False,
-            timeout=urllib3.Timeout(connect=connect_timeout_s, read=read_timeout_s),
-        )
 
     def redirect(self, target: PabxTarget, channel_id: int, body: Mapping[str, str]) -> int:
         with self._tracing.request_span(target.name) as (span, trace_headers):
@@ -548,33 +602,83 @@ class HttpPabx:
         trace_headers: Mapping[str, str],
     ) -> int:
         route = self._route(target)
-        pool = self._pool.connection_from_host(
-            route.host, route.port, route.scheme, pool_kwargs=route.pool_kwargs
-        )
-        path = f"{route.prefix}/requests/{channel_id}/{OPERATION}"
-        headers = {
-            "x-api-key": target.api_key.get_secret_value(),
-            "Content-Type": "application/json",
-            **trace_headers,
-        }
-        payload = json.dumps(body, ensure_ascii=False).encode()
+        request = self._request(target, route, channel_id, body, trace_headers)
         watch = self._reaper.watch(self._bound_s)
-        _current.watch = watch
+        conn: _Conn | None = None
         try:
-            response = pool.urlopen(
-                "POST", path, body=payload, headers=headers, retries=False, redirect=False
-            )
-        except HTTPError as exc:
+            conn = route.take(self._idle_timeout_s) or self._connect(route, watch)
+            watch.attach(conn.sock)
+            watch.start_sending()
+            conn.sock.sendall(request)
+            status, keep = conn.read_answer()
+        except _ConnectFailed as exc:
+            raise self._not_connected(exc, watch) from exc.cause
+        except (OSError, _BadAnswer) as exc:
+            if conn is not None:
+                conn.close()
             raise self._failure(exc, watch) from exc
         finally:
-            _current.watch = None
-            self._reaper.release(watch)
-        if watch.cut:  # a status line came, but the rest of the answer was cut short
-            raise PabxOutcomeUnknown(self._too_long)
-        # An answer read in full stands, even if its watch fired right after.
-        if response.status != 200:
-            raise error_for_status(response.status)
-        return int(response.status)
+            cut = self._reaper.release(watch)
+        # An answer read in full stands, even if its watch fired right after; the
+        # connection, shut down then, is not kept.
+        if keep and not cut:
+            route.give_back(conn, self._pool_size)
+        else:
+            conn.close()
+        if status != 200:
+            raise error_for_status(status)
+        return status
+
+    @staticmethod
+    def _request(
+        target: PabxTarget,
+        route: _Route,
+        channel_id: int,
+        body: Mapping[str, str],
+        trace_headers: Mapping[str, str],
+    ) -> bytes:
+        """The request as it goes on the wire: head and body in one buffer (one write)."""
+        key = target.api_key.get_secret_value()
+        if not _header_safe(key):
+            raise PabxPermanentError(
+                f"PABX api_key of target {target.name} cannot be sent: "
+                "an HTTP header carries printable ASCII only"
+            )
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        extra = "".join(
+            f"{name}: {value}\r\n"
+            for name, value in trace_headers.items()
+            if _header_safe(name) and _header_safe(value)
+        )
+        head = (
+            f"POST {route.prefix}/requests/{channel_id}/{OPERATION} HTTP/1.1\r\n"
+            f"Host: {route.host_header}\r\n"
+            f"x-api-key: {key}\r\n"
+            "Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n"
+            f"{extra}\r\n"
+        )
+        return head.encode() + payload
+
+    def _connect(self, route: _Route, watch: _Watch) -> _Conn:
+        """A new connection to the route, TLS handshake done; _ConnectFailed if not."""
+        try:
+            sock = _open_socket(route.address, self._connect_timeout_s)
+        except OSError as exc:
+            raise _ConnectFailed(exc, timed_out=isinstance(exc, TimeoutError)) from exc
+        try:
+            if route.tls is not None:
+                sock = route.tls.wrap_socket(
+                    sock, server_hostname=route.server_hostname, do_handshake_on_connect=False
+                )
+                watch.attach(sock)
+                sock.do_handshake()
+            sock.settimeout(self._read_timeout_s)
+        except (OSError, ValueError) as exc:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise _ConnectFailed(exc, timed_out=False) from exc
+        return _Conn(sock)
 
     def _route(self, target: PabxTarget) -> _Route:
         """The target's route, made (and its SSL context built) on first use."""
@@ -591,26 +695,37 @@ class HttpPabx:
                     self._routes[key] = route
         return route
 
-    def _failure(self, exc: HTTPError, watch: _Watch) -> PabxError:
-        name = type(exc).__name__
+    def _not_connected(self, failed: _ConnectFailed, watch: _Watch) -> PabxError:
         if watch.fired:
-            if watch.sent:
-                return PabxOutcomeUnknown(self._too_long)
             return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
+        refusal = _tls_refusal(failed.cause)
+        if refusal is not None:
+            return PabxTlsError(f"PABX TLS handshake failed: {refusal}")
+        name = type(failed.cause).__name__
+        if failed.timed_out:
+            return PabxUnreachable(f"PABX connect timed out: {name}")
+        return PabxUnreachable(f"PABX unreachable: {name}")
+
+    def _failure(self, exc: BaseException, watch: _Watch) -> PabxError:
+        name = type(exc).__name__
+        if not watch.sent:  # the time bound passed first, or the socket would not take it
+            if watch.fired:
+                return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
+            return PabxUnreachable(f"PABX unreachable: {name}")
+        if watch.fired:
+            return PabxOutcomeUnknown(self._too_long)
         refusal = _tls_refusal(exc)
         if refusal is not None:
             return PabxTlsError(f"PABX TLS handshake failed: {refusal}")
-        if isinstance(exc, NewConnectionError):  # a ConnectTimeoutError subclass, oddly
-            return PabxUnreachable(f"PABX unreachable: {name}")
-        if isinstance(exc, ConnectTimeoutError):
-            return PabxUnreachable(f"PABX connect timed out: {name}")
-        if not watch.sent:  # TLS handshake failures (SSLError, reset, timeout) among others
-            return PabxUnreachable(f"PABX unreachable: {name}")
-        if isinstance(exc, ReadTimeoutError):
+        if isinstance(exc, TimeoutError):
             return PabxOutcomeUnknown(f"PABX timed out after the request was sent: {name}")
+        if isinstance(exc, _BadAnswer):
+            return PabxOutcomeUnknown(f"PABX answer unreadable after the request was sent: {exc}")
         return PabxOutcomeUnknown(f"PABX connection lost after the request was sent: {name}")
 
     def close(self) -> None:
-        """Close the pooled connections and stop the reaper thread."""
-        self._pool.clear()
+        """Close the idle connections and stop the reaper thread."""
+        with self._routes_lock:
+            for route in self._routes.values():
+                route.clear()
         self._reaper.stop()
