@@ -24,6 +24,7 @@ non-OTLP log formats), so a log line and its span join on the same keys.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -125,6 +126,7 @@ _HEADER = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=1024)  # field names: a small set, asked about on every line
 def is_secret_field(name: str) -> bool:
     """Whether a field of this name holds a credential (see :data:`SECRET_FIELDS`)."""
     key = name.lower().replace("-", "_")
@@ -134,12 +136,13 @@ def is_secret_field(name: str) -> bool:
 #: A word every match of the patterns above contains (lowercased, ``-`` read as ``_``): text
 #: with none of them is left alone without running the patterns.
 _CLUES = ("://", "senha", "passw", "api_key", "apikey", "_url", "secret", "token", "auth", "cookie")
+#: Any clue, found in one pass.
+_ANY_CLUE = re.compile("|".join(re.escape(clue) for clue in _CLUES))
 
 
 def redact_text(text: str) -> str:
     """``text`` with URL passwords and the values of secret fields masked; nothing else."""
-    folded = text.lower().replace("-", "_")
-    if not any(clue in folded for clue in _CLUES):
+    if _ANY_CLUE.search(text.lower().replace("-", "_")) is None:
         return text
     text = _URL_USERINFO.sub(rf"\1{MASK}", text)
     text = _QUOTED_PAIR.sub(lambda m: f"{m['head']}{m['vq'] or ''}{MASK}{m['vq'] or ''}", text)
@@ -153,6 +156,10 @@ def redact_message(text: str, secrets: Iterable[str]) -> str:
     return " ".join(MASK if word in known else word for word in redact_text(text).split(" "))
 
 
+#: Field values logged as they are (checked by exact type before any isinstance).
+_PLAIN = frozenset({bool, int, float})
+
+
 class RedactingFilter(logging.Filter):
     """Masks secret fields, URL passwords and values equal to a known secret (never substrings)."""
 
@@ -164,6 +171,8 @@ class RedactingFilter(logging.Filter):
         """A copy of a field value fit for a log line."""
         if isinstance(value, str):
             return MASK if value in self._secrets else redact_text(value)
+        if value is None or type(value) in _PLAIN:
+            return value
         if isinstance(value, bytes | bytearray):
             return self.clean(bytes(value).decode("utf-8", errors="replace"))
         if isinstance(value, Mapping):
@@ -248,6 +257,10 @@ def _extra(record: logging.LogRecord) -> dict[str, Any]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
+#: One encoder for every line: ``json.dumps`` with options builds a new one each call.
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False)
+
+
 def _timestamp(record: logging.LogRecord) -> str:
     return datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
 
@@ -269,7 +282,7 @@ class JsonFormatter(logging.Formatter):
             entry["traceback"] = record.exc_text
         if record.stack_info:
             entry["stack"] = record.stack_info
-        return json.dumps(entry, default=str, ensure_ascii=False)
+        return _JSON.encode(entry)
 
 
 class TextFormatter(logging.Formatter):
