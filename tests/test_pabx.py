@@ -606,3 +606,14 @@ def test_trace_headers_a_header_cannot_carry_are_dropped(quick: HttpPabx) -> Non
         assert quick._redirect(target(server.url), 17, BODY, trace) == 200
     lines = seen[0].split(b"\r\n")
     assert b"traceparent: 00-ab-cd-01" in lines and b"Injected" not in seen[0]
+
+
+def test_body_read_to_the_end_of_a_reset_connection_keeps_its_status(quick: HttpPabx) -> None:
+    def answer_then_reset(conn: socket.socket, server: RawServer) -> None:
+        if server.read_request(conn):
+            conn.sendall(b"HTTP/1.1 200 OK\r\n\r\nthe body runs until")
+            time.sleep(0.1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    with RawServer(answer_then_reset) as server:
+        assert quick.redirect(target(server.url), 17, BODY) == 200

@@ -301,10 +301,15 @@ class _Conn:
                 return False
 
     def _skip_to_eof(self) -> None:
+        """Read a body that ends with the connection; the status is known already, so a TLS
+        peer closing without ``close_notify``, or a reset, just ends it."""
         total = len(self.buf)
         self.buf.clear()
         while total <= _MAX_BODY:
-            data = self.sock.recv(_CHUNK)
+            try:
+                data = self.sock.recv(_CHUNK)
+            except (ssl.SSLEOFError, ConnectionResetError):
+                return
             if not data:
                 return
             total += len(data)
