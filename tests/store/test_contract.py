@@ -777,6 +777,33 @@ def test_claim_and_send_keeps_the_lease_when_the_call_refuses(store: Store) -> N
     assert _sent(store, "c2", claim.token, None, now=T0 + 2) == Send(SendState.SENT, 1)
 
 
+def test_claim_and_send_of_an_older_command_with_the_call_free_is_superseded(
+    store: Store,
+) -> None:
+    newer = _holding(store, "newer", T0 + 10, now=T0 + 1)
+    assert store.record("newer", newer, b"x", now=T0 + 2) == b"x"  # the call is free again
+    claim, sent = _claim_and_send(store, "older", CallRef(CALL, T0 + 5), now=T0 + 3)
+    assert claim.state is ClaimState.NEW and sent == Send(SendState.SUPERSEDED, newer="newer")
+    assert claim.token is not None
+    assert _state(store, "older", now=T0 + 3 + LEASE)[:2] == (ClaimState.NEW, 0)  # not counted
+    # Equal order is not older: it goes out, and is the call's newest from then on.
+    twin, sent = _claim_and_send(store, "twin", CallRef(CALL, T0 + 10), now=T0 + 4)
+    assert sent == Send(SendState.SENT, 1)
+    assert twin.token is not None and store.record("twin", twin.token, b"y", now=T0 + 5) == b"y"
+    _, sent = _claim_and_send(store, "late", CallRef(CALL, T0 + 9), now=T0 + 6)
+    assert sent == Send(SendState.SUPERSEDED, newer="twin")
+
+
+def test_claim_and_send_after_the_newer_holders_lease_lapsed_is_still_superseded(
+    store: Store,
+) -> None:
+    _holding(store, "newer", T0 + 10, now=T0)  # sends, then is never heard of
+    _, sent = _claim_and_send(store, "older", CallRef(CALL, T0 + 5), now=T0 + 10 * LEASE)
+    assert sent == Send(SendState.SUPERSEDED, newer="newer")
+    _, sent = _claim_and_send(store, "newest", CallRef(CALL, T0 + 20), now=T0 + 10 * LEASE)
+    assert sent == Send(SendState.SENT, 1)
+
+
 def test_claim_and_send_repeated_with_its_token_is_new_and_counts_on(store: Store) -> None:
     """A repeat after a lost answer (store outage): the lease is its own, as claim says."""
     call = CallRef(CALL, T0)
@@ -1401,8 +1428,30 @@ def test_sqlite_migrates_a_file_from_before_the_call_record(tmp_path: Path) -> N
         columns = [row[1] for row in db.execute("PRAGMA table_info(pabx_commands)")]
         tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
     db.close()
-    assert columns[-1] == "call_key" and columns.count("call_key") == 1
-    assert {"pabx_calls", "pabx_slots"} <= tables
+    assert columns[-2:] == ["call_key", "call_order"]
+    assert columns.count("call_key") == columns.count("call_order") == 1
+    assert {"pabx_calls", "pabx_slots", "pabx_commands_sent_new"} <= tables
+
+
+def test_sqlite_sends_a_new_command_with_a_free_call_in_one_statement(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "one.db")
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    try:
+        call = CallRef("call-1", T0)
+        claim, send = store.claim_and_send("new", FP, call, now=T0, lease_s=LEASE, token="t1")
+        assert (claim.state, send) == (ClaimState.NEW, Send(SendState.SENT, 1))
+        # One statement: its trigger's steps are traced with its text too.
+        assert len(set(statements)) == 1 and statements[0].startswith("INSERT INTO pabx_commands")
+        statements.clear()
+        # The call is held now: the one statement aborts, the transaction says why.
+        later = CallRef("call-1", T0 + 1)
+        claim, send = store.claim_and_send("next", FP, later, now=T0, lease_s=LEASE, token="t2")
+        assert claim.state is ClaimState.NEW and send is not None
+        assert send.state is SendState.CALL_BUSY
+        assert "BEGIN IMMEDIATE" in statements
+    finally:
+        store.close()
 
 
 # -- unreachable servers ----------------------------------------------------------------------
