@@ -17,6 +17,10 @@ Patches:
 ``amqp-unbuffered``
     py-amqp reads the socket field by field (three ``recv`` calls a frame) instead of in
     chunks of ``worker.adapters.amqp_io.CHUNK``.
+``amqp-py-waits``
+    py-amqp's own waits: the socket switched to timeout mode and back around each read
+    with a time limit, and ``connection.blocked`` notices asked for (a zero-timeout read
+    before every publish).
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
@@ -85,7 +89,19 @@ def _amqp_unbuffered() -> None:
     worker.adapters.amqp_io.CHUNK = 0  # recv exactly what py-amqp asks for, as py-amqp does
 
 
+def _amqp_py_waits() -> None:
+    import amqp.connection
+
+    import worker.adapters.amqp_io
+
+    worker.adapters.amqp_io.POLL_WAITS = False
+    worker.adapters.amqp_io._Connection.negotiate_capabilities = (
+        amqp.connection.NEGOTIATE_CAPABILITIES
+    )
+
+
 PATCHES: dict[str, Callable[[], None]] = {
+    "amqp-py-waits": _amqp_py_waits,
     "amqp-unbuffered": _amqp_unbuffered,
     "prefetch-1x": _prefetch(1),
     "prefetch-2x": _prefetch(2),

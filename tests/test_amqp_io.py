@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
+from amqp.connection import NEGOTIATE_CAPABILITIES
 
+import worker.adapters.amqp_io
 from worker.adapters.amqp_io import BufferedTcpTransport
 
 
@@ -70,3 +74,101 @@ def test_a_closed_connection_is_an_error() -> None:
     t = transport(Wire([frame(1, b"a")[:3], b""]))
     with pytest.raises(OSError, match="closed"):
         t.read_frame()
+
+
+# --- waits with a time limit: poll, the socket left as it is ---------------------------------
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[BufferedTcpTransport, socket.socket]]:
+    ours, broker = socket.socketpair()
+    t = BufferedTcpTransport.__new__(BufferedTcpTransport)
+    t._read_buffer = b""
+    t.sock = ours
+    t._quick_recv = ours.recv
+    t.raise_on_initial_eintr = True
+    t.connected = True
+    yield t, broker
+    ours.close()
+    broker.close()
+
+
+def test_a_read_with_a_time_limit_never_switches_the_socket(
+    pair: tuple[BufferedTcpTransport, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t, broker = pair
+    switched: list[float | None] = []
+    monkeypatch.setattr(t, "sock", _Recording(t.sock, switched))
+    broker.sendall(frame(1, b"deliver"))
+    with t.having_timeout(0.5):
+        assert list(frames(t, 1)) == [(1, 1, b"deliver")]
+    started = time.monotonic()
+    with pytest.raises(TimeoutError), t.having_timeout(0.05):
+        t.read_frame()
+    assert 0.04 <= time.monotonic() - started < 1.0
+    assert switched == []  # py-amqp's own: settimeout(0.5), settimeout(None), twice
+    # A frame cut short by the time limit keeps its bytes, as before.
+    whole = frame(2, b"x" * 40)
+    broker.sendall(whole[:10])
+    with pytest.raises(TimeoutError), t.having_timeout(0.05):
+        t.read_frame()
+    broker.sendall(whole[10:])
+    with t.having_timeout(0.5):
+        assert list(frames(t, 1)) == [(1, 2, b"x" * 40)]
+
+
+def test_a_read_without_a_time_limit_waits_as_the_socket_does(
+    pair: tuple[BufferedTcpTransport, socket.socket],
+) -> None:
+    t, broker = pair
+    threading.Timer(0.1, broker.sendall, (frame(1, b"late"),)).start()
+    with t.having_timeout(None):
+        assert list(frames(t, 1)) == [(1, 1, b"late")]
+
+
+def test_py_amqp_waits_when_poll_waits_are_off(
+    pair: tuple[BufferedTcpTransport, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t, _ = pair
+    monkeypatch.setattr(worker.adapters.amqp_io, "POLL_WAITS", False)
+    switched: list[float | None] = []
+    monkeypatch.setattr(t, "sock", _Recording(t.sock, switched))
+    with pytest.raises(TimeoutError), t.having_timeout(0.05):
+        t.read_frame()
+    assert switched == [0.05, None]
+
+
+def test_decrypted_tls_bytes_count_as_readable() -> None:
+    class Tls:
+        def pending(self) -> int:
+            return 5
+
+        def fileno(self) -> int:
+            raise AssertionError("polled although bytes were waiting")
+
+    t = BufferedTcpTransport.__new__(BufferedTcpTransport)
+    t.sock = Tls()
+    t._wait_readable(0.01)  # returns at once
+
+
+def test_connections_do_not_ask_for_blocked_notices() -> None:
+    capabilities = worker.adapters.amqp_io._Connection.negotiate_capabilities
+    assert capabilities["connection.blocked"] is False
+    assert {k: v for k, v in capabilities.items() if k != "connection.blocked"} == {
+        k: v for k, v in NEGOTIATE_CAPABILITIES.items() if k != "connection.blocked"
+    }
+
+
+class _Recording:
+    """A socket whose ``settimeout`` calls are recorded."""
+
+    def __init__(self, sock: socket.socket, calls: list[float | None]) -> None:
+        self._sock = sock
+        self._calls = calls
+
+    def settimeout(self, value: float | None) -> None:
+        self._calls.append(value)
+        self._sock.settimeout(value)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._sock, name)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import amqp.exceptions
 import kombu.exceptions
 import pytest
+from amqp.basic_message import Message
 from amqp.exceptions import (
     AccessRefused,
     AMQPError,
@@ -432,5 +433,22 @@ def test_failover_moves_past_a_node_that_is_down(amqp_url: str) -> None:
     connection = connect(f"{refused_url()};{amqp_url}")
     try:
         assert connection.connected
+    finally:
+        connection.release()
+
+
+@pytest.mark.integration
+def test_publishing_does_not_read_the_socket_first(amqp_url: str) -> None:
+    """No ``connection.blocked`` notices asked for: py-amqp's read before each publish is off."""
+    connection = connect(amqp_url)
+    try:
+        amqp = connection.connection
+        assert amqp.client_properties["capabilities"]["connection.blocked"] is False
+        channel = connection.channel()
+        reads: list[float] = []
+        drain = amqp.drain_events
+        amqp.drain_events = lambda timeout=None: reads.append(timeout) or drain(timeout=timeout)
+        channel.basic_publish(Message(b"{}"), exchange="", routing_key="no-such-queue-7f3a")
+        assert reads == []
     finally:
         connection.release()

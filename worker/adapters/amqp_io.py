@@ -8,13 +8,26 @@ to :data:`CHUNK` bytes at a time and serve frames from what they got, so one cal
 brings several frames. What py-amqp does with the buffer is unchanged: a read cut short by
 a timeout keeps its bytes for the next one. :class:`Transport` is the kombu transport that
 opens connections with them (``Connection(url, transport=Transport)``).
+
+Fewer system calls that give the GIL away on the connection thread besides:
+
+- A read with a time limit (the consumer's ``drain_events(timeout=...)``) waits with
+  ``poll`` on the socket, which stays as it is; py-amqp switches the socket to timeout mode
+  and back around every such read, two ``ioctl`` calls a turn of the consumer's loop.
+- The connection does not ask the broker for ``connection.blocked`` notices: nothing here
+  acts on them, and with them on, py-amqp reads the socket (zero timeout) before every
+  publish. A blocked connection still stops publishing, as TCP back-pressure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-from typing import Any
+import select
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
+from amqp.connection import NEGOTIATE_CAPABILITIES
 from amqp.transport import SSLTransport, TCPTransport
 from kombu.transport import pyamqp
 
@@ -22,6 +35,9 @@ __all__ = ["CHUNK", "BufferedSslTransport", "BufferedTcpTransport", "Transport"]
 
 #: Most bytes one ``recv`` asks for.
 CHUNK = 65536
+#: Reads with a time limit wait with ``poll`` (False: py-amqp's switching of the socket's
+#: timeout around each of them).
+POLL_WAITS = True
 
 
 class _Chunked:
@@ -30,8 +46,36 @@ class _Chunked:
     _quick_recv: Any
     _read_buffer: bytes
     raise_on_initial_eintr: bool
+    sock: Any
     #: errno values after which py-amqp's own ``_read`` tries again.
     _retry_errnos: tuple[int, ...] = (errno.EAGAIN, errno.EINTR)
+    #: The time limit of the reads under way (:meth:`having_timeout`); None: no limit.
+    _limit_s: float | None = None
+    _poller: Any = None
+
+    @contextlib.contextmanager
+    def having_timeout(self, timeout: float | None) -> Iterator[Any]:
+        """py-amqp's block of reads bounded by ``timeout``, each wait for the socket a poll."""
+        if timeout is None or not POLL_WAITS:
+            with super().having_timeout(timeout) as sock:  # type: ignore[misc]
+                yield sock
+            return
+        previous, self._limit_s = self._limit_s, timeout
+        try:
+            yield self.sock
+        finally:
+            self._limit_s = previous
+
+    def _wait_readable(self, limit_s: float) -> None:
+        """Return once ``recv`` will not block; TimeoutError after ``limit_s``."""
+        pending = getattr(self.sock, "pending", None)  # TLS: bytes already decrypted
+        if pending is not None and pending():
+            return
+        if self._poller is None:
+            self._poller = select.poll()
+            self._poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+        if not self._poller.poll(limit_s * 1000):
+            raise TimeoutError("timed out")  # what a socket in timeout mode raises
 
     def _read(self, n: int, initial: bool = False) -> bytes:
         """Exactly ``n`` bytes: from the buffer, then from the socket a chunk at a time."""
@@ -39,10 +83,12 @@ class _Chunked:
         if len(rbuf) >= n:  # the common case once a chunk came in: no system call
             self._read_buffer = rbuf[n:]
             return rbuf[:n]
-        recv = self._quick_recv
+        recv, limit_s = self._quick_recv, self._limit_s
         try:
             while len(rbuf) < n:
                 try:
+                    if limit_s is not None:
+                        self._wait_readable(limit_s)
                     chunk = recv(max(n - len(rbuf), CHUNK))
                 except OSError as exc:
                     if exc.errno in self._retry_errnos:
@@ -72,6 +118,12 @@ class BufferedSslTransport(_Chunked, SSLTransport):  # type: ignore[misc]
 
 
 class _Connection(pyamqp.Connection):  # type: ignore[misc]
+    #: No ``connection.blocked`` notices (see the module's docstring).
+    negotiate_capabilities: ClassVar[dict[str, bool]] = {
+        **NEGOTIATE_CAPABILITIES,
+        "connection.blocked": False,
+    }
+
     def Transport(
         self,
         host: str,
