@@ -319,8 +319,11 @@ class PostgresStore:
             "slots": sql.Identifier(f"{table}_slots"),
         }
 
-        def q(text: str) -> sql.Composed:
-            return sql.SQL(text).format(**{k: v for k, v in names.items() if f"{{{k}}}" in text})
+        def q(text: str) -> str:
+            # Rendered once: a Composed is rendered again on every execute, and psycopg
+            # caches the parsing of a query string, not of a Composed.
+            used = {k: v for k, v in names.items() if f"{{{k}}}" in text}
+            return sql.SQL(text).format(**used).as_string(None)
 
         self._table = table
         self._schema, self._add_call_key = q(_SCHEMA), q(_ADD_CALL_KEY)
