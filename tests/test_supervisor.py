@@ -285,3 +285,36 @@ def test_systemd_hears_ready_once_every_child_runs(settings: Settings, tmp_path:
     assert "READY=1" in ready.splitlines() and running == 2
     assert "STOPPING=1" in stopping.splitlines()
     assert status == [0]
+
+
+def test_a_child_whose_port_was_taken_meanwhile_gets_another(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # The first port handed out is free when picked, then taken before the child listens.
+    squatter = socket.create_server((supervision.CHILD_HOST, 0))
+    taken = squatter.getsockname()[1]
+    picks = iter([taken])
+    real = supervision._free_port
+    monkeypatch.setattr(supervision, "_free_port", lambda: next(picks, None) or real())
+    # A child listens on its port, as the worker's health server does, or exits 2.
+    code = (
+        "import os, pathlib, signal, socket, sys, time\n"
+        "try:\n"
+        "    s = socket.create_server(('127.0.0.1', int(os.environ['PABX_WORKER_HTTP_PORT'])))\n"
+        "except OSError:\n"
+        "    sys.exit(2)\n"
+        f"{OBEDIENT}"
+        f"pathlib.Path({str(tmp_path)!r}, os.environ['PABX_WORKER_HTTP_PORT']).touch()\n"
+        "time.sleep(60)\n"
+    )
+    supervisor = Supervisor(settings.model_copy(update={"http_port": 1}), 1, command=_child(code))
+    try:
+        thread, status = _start(supervisor)
+        assert wait_until(lambda: len(list(tmp_path.iterdir())) == 1, 10)
+        (listening,) = (int(p.name) for p in tmp_path.iterdir())
+        assert listening != taken and _restarts(supervisor) == 1
+        supervisor.stop()
+        thread.join(10)
+        assert status == [0]
+    finally:
+        squatter.close()

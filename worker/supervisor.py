@@ -7,7 +7,8 @@ log lines names its place (``process_index``). The supervisor:
 
 - restarts a child that dies, after 0.5 s doubling to 10 s while it keeps dying, back to
   0.5 s once a child ran 30 s; a child that exits 2 (configuration error) is not restarted:
-  the supervisor stops the others and exits 2;
+  the supervisor stops the others and exits 2, unless the port picked for it was taken by
+  another program before the child could listen on it (then it is restarted on another);
 - on SIGTERM or SIGINT sends SIGTERM to every child and waits for them to drain, at most
   ``SHUTDOWN_TIMEOUT_S`` plus :data:`KILL_MARGIN_S`; then, or on a second signal, SIGKILL;
 - serves the group on ``HTTP_HOST:HTTP_PORT``: ``/metrics`` (every child's samples with a
@@ -97,6 +98,20 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind((CHILD_HOST, 0))
         return int(sock.getsockname()[1])
+
+
+def _taken(port: int) -> bool:
+    """Another program listens on ``port`` of CHILD_HOST: the port picked for a child was
+    taken before the child could listen on it."""
+    if not port:
+        return False
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the child's server
+        try:
+            sock.bind((CHILD_HOST, port))
+        except OSError:
+            return True
+    return False
 
 
 def fetch(port: int, path: str) -> bytes | None:
@@ -262,6 +277,19 @@ class Supervisor:
                 continue
             code = child.proc.poll()
             if code is None:
+                continue
+            if code == CONFIG_ERROR and _taken(child.port):
+                # The port was free when picked and taken before the child listened on
+                # it: not a setting of ours. The restart picks another one.
+                log.warning(
+                    "process %d (pid %d) could not listen on port %d, taken meanwhile by"
+                    " another program; it gets another port",
+                    child.index,
+                    child.proc.pid,
+                    child.port,
+                    extra={"process_index": child.index, "pid": child.proc.pid},
+                )
+                self._died(child, code, now)
                 continue
             if code == CONFIG_ERROR:
                 log.error(
