@@ -122,13 +122,22 @@ def _inserted(
     token: str,
     now: float,
     lease_s: float,
+    sent_for: CallRef | None = None,
 ) -> bool:
-    """Claim a new id (True), or find that it is there already (False, nothing changed)."""
+    """Claim a new id (True), or find that it is there already (False, nothing changed).
+
+    ``sent_for``: the row goes in already sent for that call (attempts 1, its issue order
+    in ``call_order``), and the trigger ``pabx_commands_sent_new`` takes the call or
+    aborts the statement (``sqlite3.IntegrityError`` naming :data:`_CALL_NOT_FREE`).
+    """
+    state, attempts, key, order = ("claimed", 0, None, None)
+    if sent_for is not None:
+        state, attempts, key, order = ("sent", 1, sent_for.key, sent_for.order)
     cursor = db.execute(
         "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
-        " state, token, lease_until) VALUES (?, ?, ?, ?, 'claimed', ?, ?)"
-        " ON CONFLICT (command_id) DO NOTHING",
-        (command_id, fingerprint, now, now, token, now + lease_s),
+        " state, token, lease_until, attempts, call_key, call_order)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING",
+        (command_id, fingerprint, now, now, state, token, now + lease_s, attempts, key, order),
     )
     return cursor.rowcount == 1
 
@@ -230,18 +239,11 @@ class SqliteStore:
         """
         with self._statement() as db:
             try:
-                cursor = db.execute(
-                    "INSERT INTO pabx_commands (command_id, fingerprint, first_seen, updated_at,"
-                    " state, token, lease_until, attempts, call_key, call_order)"
-                    " VALUES (?, ?, ?, ?, 'sent', ?, ?, 1, ?, ?)"
-                    " ON CONFLICT (command_id) DO NOTHING",
-                    (command_id, fingerprint, now, now, token, now + lease_s, call.key, call.order),
-                )
+                return _inserted(db, command_id, fingerprint, token, now, lease_s, sent_for=call)
             except sqlite3.IntegrityError as exc:
                 if _CALL_NOT_FREE in str(exc):
                     return False
                 raise
-            return cursor.rowcount == 1
 
     def _claim_in(
         self,
