@@ -618,7 +618,7 @@ class HttpPabx:
             conn.sock.sendall(request)
             status, keep = conn.read_answer()
         except _ConnectFailed as exc:
-            raise self._not_connected(exc, watch) from exc.cause
+            raise self._not_sent(exc.cause, watch, timed_out=exc.timed_out) from exc.cause
         except (OSError, _BadAnswer) as exc:
             if conn is not None:
                 conn.close()
@@ -701,23 +701,22 @@ class HttpPabx:
                     self._routes[key] = route
         return route
 
-    def _not_connected(self, failed: _ConnectFailed, watch: _Watch) -> PabxError:
+    def _not_sent(self, cause: BaseException, watch: _Watch, *, timed_out: bool) -> PabxError:
+        """The error of a request that never went out (connecting, or its time bound)."""
         if watch.fired:
             return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
-        refusal = _tls_refusal(failed.cause)
+        refusal = _tls_refusal(cause)
         if refusal is not None:
             return PabxTlsError(f"PABX TLS handshake failed: {refusal}")
-        name = type(failed.cause).__name__
-        if failed.timed_out:
+        name = type(cause).__name__
+        if timed_out:
             return PabxUnreachable(f"PABX connect timed out: {name}")
         return PabxUnreachable(f"PABX unreachable: {name}")
 
     def _failure(self, exc: BaseException, watch: _Watch) -> PabxError:
+        if not watch.sent:  # the time bound passed first
+            return self._not_sent(exc, watch, timed_out=False)
         name = type(exc).__name__
-        if not watch.sent:  # the time bound passed first, or the socket would not take it
-            if watch.fired:
-                return PabxUnreachable(f"PABX not reached within {self._bound_s:g} s")
-            return PabxUnreachable(f"PABX unreachable: {name}")
         if watch.fired:
             return PabxOutcomeUnknown(self._too_long)
         refusal = _tls_refusal(exc)
