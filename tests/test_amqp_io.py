@@ -37,12 +37,15 @@ class Wire:
         return part
 
 
-def transport(wire: Wire) -> BufferedTcpTransport:
+def transport(wire: Wire | socket.socket) -> BufferedTcpTransport:
+    """A transport reading from ``wire``, set up as py-amqp's connect would leave it."""
     t = BufferedTcpTransport.__new__(BufferedTcpTransport)
     t._read_buffer = b""
     t._quick_recv = wire.recv
     t.raise_on_initial_eintr = True
     t.connected = True
+    if isinstance(wire, socket.socket):
+        t.sock = wire
     return t
 
 
@@ -82,13 +85,7 @@ def test_a_closed_connection_is_an_error() -> None:
 @pytest.fixture
 def pair() -> Iterator[tuple[BufferedTcpTransport, socket.socket]]:
     ours, broker = socket.socketpair()
-    t = BufferedTcpTransport.__new__(BufferedTcpTransport)
-    t._read_buffer = b""
-    t.sock = ours
-    t._quick_recv = ours.recv
-    t.raise_on_initial_eintr = True
-    t.connected = True
-    yield t, broker
+    yield transport(ours), broker
     ours.close()
     broker.close()
 

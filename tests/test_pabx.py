@@ -184,13 +184,14 @@ class RawServer:
                 continue
         return b""
 
-    def read_request(self, conn: socket.socket, idle_s: float = 5.0) -> bool:
-        """Read one request (headers and Content-Length body); False on EOF or idle timeout."""
+    def read_request(self, conn: socket.socket, idle_s: float = 5.0) -> bytes | None:
+        """Read one request (headers and Content-Length body): its head, or None on EOF or
+        idle timeout."""
         data = b""
         while b"\r\n\r\n" not in data:
             chunk = self.recv(conn, idle_s)
             if not chunk:
-                return False
+                return None
             data += chunk
         head, _, rest = data.partition(b"\r\n\r\n")
         length = 0
@@ -201,10 +202,10 @@ class RawServer:
         while len(rest) < length:
             chunk = self.recv(conn, 5.0)
             if not chunk:
-                return False
+                return None
             rest += chunk
         self.requests += 1
-        return True
+        return head
 
     def wait_gone(self, conn: socket.socket, limit_s: float = 5.0) -> None:
         """Say nothing until the client closes, the server stops or ``limit_s`` passes."""
@@ -429,19 +430,10 @@ def answering(*answers: bytes, seen: list[bytes] | None = None) -> Callable[...,
     """
 
     def handle(conn: socket.socket, server: RawServer) -> None:
-        data = b""
         for answer in answers:
-            while b"\r\n\r\n" not in data:
-                chunk = server.recv(conn, 5.0)
-                if not chunk:
-                    return
-                data += chunk
-            head, _, data = data.partition(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
-            while len(data) < length:
-                data += server.recv(conn, 5.0)
-            data = data[length:]
-            server.requests += 1
+            head = server.read_request(conn)
+            if head is None:
+                return
             if seen is not None:
                 seen.append(head)
             conn.sendall(answer)
