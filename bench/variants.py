@@ -21,6 +21,13 @@ Patches:
     py-amqp's own waits: the socket switched to timeout mode and back around each read
     with a time limit, and ``connection.blocked`` notices asked for (a zero-timeout read
     before every publish).
+``pg-pool-1`` / ``pg-pool-8`` / ``pg-pool-16``
+    The PostgreSQL store opens at most 1 / 8 / 16 connections (default
+    ``worker.adapters.store.postgres.POOL_SIZE``, 4).
+``pg-pipelined``
+    The PostgreSQL store's claim and first mark of a new command as two statements in one
+    pipeline (one round trip, two statements for psycopg to send and read) instead of one
+    call of the ``claim_send`` function.
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
@@ -83,6 +90,50 @@ def _prefetch(per_thread: int) -> Callable[[], None]:
     return patch
 
 
+def _pg_pool(size: int) -> Callable[[], None]:
+    def patch() -> None:
+        from worker.adapters.store.postgres import PostgresStore
+
+        PostgresStore.__init__.__kwdefaults__["pool_size"] = size
+
+    return patch
+
+
+def _pg_pipelined() -> None:
+    from typing import Any
+
+    from worker.adapters.store.base import ClaimState
+    from worker.adapters.store.postgres import Claim, PostgresStore, _one_row, _send_of
+
+    def insert_and_send(
+        self: Any,
+        conn: Any,
+        command_id: str,
+        fingerprint: str,
+        call: Any,
+        token: str,
+        now: float,
+        lease_s: float,
+    ) -> Any:
+        until = now + lease_s
+        params = {"id": command_id, "token": token, "now": now, "until": until}
+        params.update(fingerprint=fingerprint, key=call.key, order=call.order)
+        with conn.pipeline():
+            inserted = conn.execute(self._insert, params)
+            marked = conn.execute(self._mark_sent_call_sql, params)
+        row = _one_row(marked.fetchone())
+        if inserted.rowcount != 1 and not row[0]:
+            return None
+        sent = _send_of(row, command_id, call, now)
+        if sent is None:
+            sent = self._mark_sent_on(conn, command_id, token, call, now, lease_s)
+        if inserted.rowcount == 1:
+            return Claim(ClaimState.NEW, now, 0, token), sent
+        return None
+
+    PostgresStore._insert_and_send = insert_and_send  # type: ignore[method-assign]
+
+
 def _amqp_unbuffered() -> None:
     import worker.adapters.amqp_io
 
@@ -102,6 +153,10 @@ def _amqp_py_waits() -> None:
 
 PATCHES: dict[str, Callable[[], None]] = {
     "amqp-py-waits": _amqp_py_waits,
+    "pg-pool-1": _pg_pool(1),
+    "pg-pool-8": _pg_pool(8),
+    "pg-pool-16": _pg_pool(16),
+    "pg-pipelined": _pg_pipelined,
     "amqp-unbuffered": _amqp_unbuffered,
     "prefetch-1x": _prefetch(1),
     "prefetch-2x": _prefetch(2),

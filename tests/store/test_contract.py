@@ -56,6 +56,12 @@ def _drop_table(url: str, table: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         for name in (table, f"{table}_calls", f"{table}_slots"):
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+        functions = conn.execute(
+            "SELECT oid::regprocedure::text FROM pg_proc WHERE proname LIKE %s",
+            (f"{table}\\_%",),
+        ).fetchall()
+        for (signature,) in functions:
+            conn.execute(sql.SQL("DROP FUNCTION IF EXISTS {}").format(sql.SQL(signature)))
 
 
 @contextmanager
@@ -1380,6 +1386,10 @@ def _assert_migrated(store: Store) -> None:
         assert _sent(store, "new", token, CallRef(CALL, T0 + 1), now=T0 + 4) == Send(
             SendState.SENT, 1
         )
+        claim, send = store.claim_and_send(
+            "newer", FP, CallRef(OTHER_CALL, T0), now=T0 + 5, lease_s=LEASE, token="t3"
+        )
+        assert (claim.state, send) == (ClaimState.NEW, Send(SendState.SENT, 1))
         assert store.reserve_slot("pabx-a", interval_s=1.0) <= 0.05
     finally:
         store.close()
@@ -1452,6 +1462,35 @@ def test_sqlite_sends_a_new_command_with_a_free_call_in_one_statement(tmp_path: 
         assert "BEGIN IMMEDIATE" in statements
     finally:
         store.close()
+
+
+def test_postgres_sends_a_new_command_with_a_free_call_in_one_statement(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with postgres_store(postgres_url) as (store, table):
+        store.ping()  # the schema, and its function, first
+        statements: list[str] = []
+        execute = psycopg.Connection.execute
+
+        def traced(conn: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            statements.append(str(query))
+            return execute(conn, query, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Connection, "execute", traced)
+        claim, send = store.claim_and_send(
+            "new", FP, CallRef(CALL, T0), now=T0, lease_s=LEASE, token="t1"
+        )
+        assert (claim.state, send) == (ClaimState.NEW, Send(SendState.SENT, 1))
+        assert len(statements) == 1 and f"{table}_claim_send_v1" in statements[0]
+        statements.clear()
+        # The call is held now: the same one statement says so, and the claim stays.
+        claim, send = store.claim_and_send(
+            "next", FP, CallRef(CALL, T0 + 1), now=T0, lease_s=LEASE, token="t2"
+        )
+        assert claim.state is ClaimState.NEW and send is not None
+        assert (send.state, send.busy_until) == (SendState.CALL_BUSY, T0 + LEASE)
+        assert len(statements) == 1
+        assert store.claim("next", FP, now=T0, lease_s=LEASE).state is ClaimState.BUSY
 
 
 # -- unreachable servers ----------------------------------------------------------------------

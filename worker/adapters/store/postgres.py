@@ -34,7 +34,12 @@ connection, under the same advisory lock as the schema.
 Atomicity: a claim first tries ``INSERT ... ON CONFLICT DO NOTHING`` (a new id is one
 statement); when the row exists it is read ``FOR UPDATE`` and updated in one
 transaction, so concurrent claims of one id from any number of processes serialise
-on the row lock and exactly one gets ``NEW``.
+on the row lock and exactly one gets ``NEW``. ``claim_and_send`` calls a plpgsql
+function, ``{table}_claim_send_v1``, that runs that ``INSERT`` and then the
+``mark_sent`` statement below in one transaction, each statement on its own snapshot:
+a new command whose call is free is claimed and marked sent in one round trip, and
+when either statement fails neither change stays. The function is created (or
+replaced) with the schema, on each process's first connection.
 
 ``reopen`` is one transaction too: the row is read ``FOR UPDATE``, then the outcome
 is cleared and the lease taken (or the claim answer given) before the commit.
@@ -118,7 +123,21 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {slots} (
     next_at     DOUBLE PRECISION NOT NULL,
     slot_at     DOUBLE PRECISION NOT NULL,
     reserved_at DOUBLE PRECISION NOT NULL
-)
+);
+CREATE OR REPLACE FUNCTION {claim_send}(
+    p_id TEXT, p_fingerprint TEXT, p_token TEXT, p_now DOUBLE PRECISION,
+    p_until DOUBLE PRECISION, p_key TEXT, p_order DOUBLE PRECISION,
+    OUT o_inserted INTEGER, OUT o_held BIGINT, OUT o_attempts INTEGER,
+    OUT o_holder_until DOUBLE PRECISION, OUT o_newest TEXT,
+    OUT o_newest_order DOUBLE PRECISION, OUT o_holder TEXT)
+LANGUAGE plpgsql AS $claim_send$
+BEGIN
+    {insert_body};
+    GET DIAGNOSTICS o_inserted = ROW_COUNT;
+    {mark_body}
+    INTO o_held, o_attempts, o_holder_until, o_newest, o_newest_order, o_holder;
+END
+$claim_send$
 """
 # A table from before the per-call record lacks call_key. Checked first: ALTER TABLE
 # takes an ACCESS EXCLUSIVE lock even when IF NOT EXISTS then finds the column.
@@ -130,9 +149,14 @@ _ADD_CALL_KEY = "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS call_key TEXT"
 
 _INSERT = (
     "INSERT INTO {table} (command_id, fingerprint, first_seen, updated_at, state, token,"
-    " lease_until) VALUES (%s, %s, %s, %s, 'claimed', %s, %s)"
-    " ON CONFLICT (command_id) DO NOTHING"
+    " lease_until) VALUES (%(id)s, %(fingerprint)s, %(now)s, %(now)s, 'claimed', %(token)s,"
+    " %(until)s) ON CONFLICT (command_id) DO NOTHING"
 )
+# The claim of a new id and its first mark as one statement (:meth:`claim_and_send`): a
+# function running ``_INSERT`` and then ``_MARK_SENT_CALL`` in one transaction, each on its
+# own snapshot. Its name carries a version: a function whose parameters or results change
+# is a new function, and workers of the version before keep calling theirs.
+_CLAIM_SEND = "claim_send_v1"
 _SELECT_FOR_UPDATE = (
     "SELECT fingerprint, first_seen, state, lease_until, attempts, outcome, token"
     " FROM {table} WHERE command_id = %s FOR UPDATE"
@@ -248,6 +272,12 @@ _PURGE_CALLS = "DELETE FROM {calls} WHERE updated_at < %s"
 # A slot whose next time has passed is what no row means (slot = now).
 _PURGE_SLOTS = "DELETE FROM {slots} WHERE next_at < %s"
 
+
+def _in_function(statement: str) -> str:
+    """A statement with ``%(name)s`` placeholders as a plpgsql statement on ``p_name``."""
+    return re.sub(r"%\((\w+)\)s", r"p_\1", statement)
+
+
 Connection = psycopg.Connection[tuple[Any, ...]]
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 
@@ -311,12 +341,13 @@ class PostgresStore:
         self._schema_ready = False
         self._closed = False
         ident = sql.Identifier(table)
-        names = {
+        names: dict[str, sql.Composable] = {
             "table": ident,
             "index": sql.Identifier(f"{table}_updated"),
             "calls": sql.Identifier(f"{table}_calls"),
             "calls_index": sql.Identifier(f"{table}_calls_updated"),
             "slots": sql.Identifier(f"{table}_slots"),
+            "claim_send": sql.Identifier(f"{table}_{_CLAIM_SEND}"),
         }
 
         def q(text: str) -> str:
@@ -325,8 +356,12 @@ class PostgresStore:
             used = {k: v for k, v in names.items() if f"{{{k}}}" in text}
             return sql.SQL(text).format(**used).as_string(None)
 
+        # The function's body: the same two statements, on its parameters.
+        names["insert_body"] = sql.SQL(_in_function(q(_INSERT)))
+        names["mark_body"] = sql.SQL(_in_function(q(_MARK_SENT_CALL)))
         self._table = table
         self._schema, self._add_call_key = q(_SCHEMA), q(_ADD_CALL_KEY)
+        self._claim_send_sql = q("SELECT * FROM {claim_send}(%s, %s, %s, %s, %s, %s, %s)")
         self._insert, self._select_for_update, self._take = (
             q(_INSERT),
             q(_SELECT_FOR_UPDATE),
@@ -454,10 +489,10 @@ class PostgresStore:
         now: float,
         lease_until: float,
     ) -> Claim:
+        params: dict[str, Any] = {"id": command_id, "fingerprint": fingerprint}
+        params.update(token=token, now=now, until=lease_until)
         for _ in range(3):
-            inserted = conn.execute(
-                self._insert, (command_id, fingerprint, now, now, token, lease_until)
-            ).rowcount
+            inserted = conn.execute(self._insert, params).rowcount
             if inserted == 1:
                 return Claim(ClaimState.NEW, now, 0, token)
             with conn.transaction():
@@ -524,22 +559,17 @@ class PostgresStore:
         now: float,
         lease_s: float,
     ) -> tuple[Claim, Send] | None:
-        """The common case in one round trip: the new-id INSERT and the mark_sent statement,
-        pipelined. The mark changes nothing unless the token holds the row, so when the row
-        was there already (None) the caller claims as usual."""
-        until = now + lease_s
-        params = {"id": command_id, "token": token, "now": now, "until": until}
-        params.update(key=call.key, order=call.order)
-        with conn.pipeline():
-            inserted = conn.execute(self._insert, (command_id, fingerprint, now, now, token, until))
-            marked = conn.execute(self._mark_sent_call_sql, params)
-        row = _one_row(marked.fetchone())
-        if inserted.rowcount != 1 and not row[0]:
+        """The common case in one statement: the function running the new-id INSERT and
+        the mark_sent statement. The mark changes nothing unless the token holds the row,
+        so when the row was there already (None) the caller claims as usual."""
+        args = (command_id, fingerprint, token, now, now + lease_s, call.key, call.order)
+        inserted, *row = _one_row(conn.execute(self._claim_send_sql, args).fetchone())
+        if inserted != 1 and not row[0]:
             return None  # another holder's, or done: nothing was changed
-        sent = _send_of(row, command_id, call, now)
+        sent = _send_of(tuple(row), command_id, call, now)
         if sent is None:  # refused on a call row created after the statement's snapshot
             sent = self._mark_sent_on(conn, command_id, token, call, now, lease_s)
-        if inserted.rowcount == 1:
+        if inserted == 1:
             return Claim(ClaimState.NEW, now, 0, token), sent
         # Our own claim repeated (its first answer lost): the row is ours, as claim says.
         first_seen, attempts = _one_row(
