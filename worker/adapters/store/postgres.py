@@ -38,8 +38,9 @@ on the row lock and exactly one gets ``NEW``. ``claim_and_send`` calls a plpgsql
 function, ``{table}_claim_send_v1``, that runs that ``INSERT`` and then the
 ``mark_sent`` statement below in one transaction, each statement on its own snapshot:
 a new command whose call is free is claimed and marked sent in one round trip, and
-when either statement fails neither change stays. The function is created (or
-replaced) with the schema, on each process's first connection.
+when either statement fails neither change stays. The function is created with the
+schema when it is missing; it is never replaced (that needs its owner), so a changed
+function gets a new name.
 
 ``reopen`` is one transaction too: the row is read ``FOR UPDATE``, then the outcome
 is cleared and the lease taken (or the claim answer given) before the commit.
@@ -123,8 +124,16 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {slots} (
     next_at     DOUBLE PRECISION NOT NULL,
     slot_at     DOUBLE PRECISION NOT NULL,
     reserved_at DOUBLE PRECISION NOT NULL
-);
-CREATE OR REPLACE FUNCTION {claim_send}(
+)
+"""
+# Created when missing, never replaced: replacing needs its owner, and a changed function
+# gets a new name (_CLAIM_SEND).
+_HAS_CLAIM_SEND = (
+    "SELECT to_regprocedure(quote_ident(%s)"
+    " || '(text, text, text, float8, float8, text, float8)')"
+)
+_CREATE_CLAIM_SEND = """
+CREATE FUNCTION {claim_send}(
     p_id TEXT, p_fingerprint TEXT, p_token TEXT, p_now DOUBLE PRECISION,
     p_until DOUBLE PRECISION, p_key TEXT, p_order DOUBLE PRECISION,
     OUT o_inserted INTEGER, OUT o_held BIGINT, OUT o_attempts INTEGER,
@@ -361,6 +370,7 @@ class PostgresStore:
         names["mark_body"] = sql.SQL(_in_function(q(_MARK_SENT_CALL)))
         self._table = table
         self._schema, self._add_call_key = q(_SCHEMA), q(_ADD_CALL_KEY)
+        self._create_claim_send = q(_CREATE_CLAIM_SEND)
         self._claim_send_sql = q("SELECT * FROM {claim_send}(%s, %s, %s, %s, %s, %s, %s)")
         self._insert, self._select_for_update, self._take = (
             q(_INSERT),
@@ -445,6 +455,9 @@ class PostgresStore:
                 conn.execute(self._schema)
                 if conn.execute(_HAS_CALL_KEY, (self._table,)).fetchone() is None:
                     conn.execute(self._add_call_key)  # a table from before the call record
+                found = conn.execute(_HAS_CLAIM_SEND, (f"{self._table}_{_CLAIM_SEND}",))
+                if _one_row(found.fetchone())[0] is None:
+                    conn.execute(self._create_claim_send)
             self._schema_ready = True
 
     @contextmanager
