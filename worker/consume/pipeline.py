@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from tenacity import (
@@ -195,10 +195,23 @@ class Valid:
     def target_name(self) -> str:
         return self.command.pabx
 
-    @property
+    @cached_property
     def call_key(self) -> str:
         """Commands with the same key (``pabx:ID_CHAMADA``) are sent one at a time, in order."""
         return f"{self.command.pabx}:{self.command.redirect.ID_CHAMADA}"
+
+    @cached_property
+    def issued(self) -> float | None:
+        """When the command was issued, as a Unix time: its ``issued_at``, else the
+        message's timestamp; None when it carries neither (first seen stands in)."""
+        issued = self.command.issued_at or self.delivery.timestamp
+        return None if issued is None else issued.timestamp()
+
+    @cached_property
+    def expires(self) -> float | None:
+        """Its ``expires_at`` as a Unix time, or None."""
+        expires_at = self.command.expires_at
+        return None if expires_at is None else expires_at.timestamp()
 
 
 @dataclass(frozen=True)
@@ -486,9 +499,9 @@ class Processor:
             return None
         if self.breakers[command.pabx].state is not CircuitState.CLOSED:
             return None
-        if (command.issued_at or prepared.delivery.timestamp) is None:
+        if prepared.issued is None:
             return None  # first seen, the issue order: known only once claimed
-        if self._clock() >= self._deadline(command, prepared.delivery, 0.0):
+        if self._clock() >= self._deadline(prepared, 0.0):
             return None
         return self._call(prepared, 0.0)
 
@@ -513,27 +526,23 @@ class Processor:
             duplicate=True,
         )
 
-    def _deadline(self, command: RedirectCommand, delivery: Delivery, first_seen: float) -> float:
-        ttl = timedelta(seconds=self._policy.command_ttl_s)
-        if command.expires_at is not None:
-            return command.expires_at.timestamp()
-        if command.issued_at is not None:
-            return (command.issued_at + ttl).timestamp()
-        if delivery.timestamp is not None:
-            return (delivery.timestamp + ttl).timestamp()
-        return first_seen + ttl.total_seconds()
+    def _deadline(self, prepared: Valid, first_seen: float) -> float:
+        """``expires_at``, else COMMAND_TTL after it was issued (or first seen)."""
+        if prepared.expires is not None:
+            return prepared.expires
+        issued = prepared.issued
+        return (first_seen if issued is None else issued) + self._policy.command_ttl_s
 
     @staticmethod
     def _call(prepared: Valid, first_seen: float) -> CallRef:
         """The call and this command's place in its issue order (SPEC §5)."""
-        issued = prepared.command.issued_at or prepared.delivery.timestamp
-        order = issued.timestamp() if issued is not None else first_seen
-        return CallRef(prepared.call_key, order)
+        issued = prepared.issued
+        return CallRef(prepared.call_key, first_seen if issued is None else issued)
 
     def _send(
         self, prepared: Valid, claim: Claim, token: str, now: float, sent: Send | None = None
     ) -> Decision:
-        deadline = self._deadline(prepared.command, prepared.delivery, claim.first_seen)
+        deadline = self._deadline(prepared, claim.first_seen)
         if now >= deadline:
             return self._record(
                 prepared,
