@@ -556,15 +556,8 @@ class Processor:
         attempt.attempts = claim.attempts
         attempt.deadline = deadline
         attempt.sent = sent
-        retrying = Retrying(
-            stop=stop_after_attempt(self._policy.in_process_attempts)
-            | stop_before_delay(max(deadline - now, 0.0)),
-            wait=wait_random_exponential(multiplier=0.1, max=self._policy.in_process_max_wait_s),
-            retry=retry_if_exception(self._worth_resending),
-            reraise=True,
-        )
         try:
-            status_code = retrying(attempt)
+            status_code = self._attempts(attempt, deadline)
         except _Stopped as stop:
             return self._stopped(prepared, token, stop, attempt.attempts)
         except PabxPermanentError as exc:
@@ -589,6 +582,36 @@ class Processor:
         return self._record(
             prepared, token, Status.ACCEPTED, None, None, attempt.attempts, status_code
         )
+
+    def _attempts(self, attempt: _Attempt, deadline: float) -> int:
+        """The request, sent again in process (tenacity) while that can help: at most
+        IN_PROCESS_ATTEMPTS in all, the last one starting before the deadline.
+
+        The first goes out directly; tenacity comes in only after a failure worth another
+        try, its first call raising that failure again, so that its stop, wait and retry
+        rules apply as if it had made the first request itself."""
+        try:
+            return attempt()
+        except Exception as exc:
+            if self._policy.in_process_attempts < 2 or not self._worth_resending(exc):
+                raise
+            first: BaseException | None = exc
+
+        def again() -> int:
+            nonlocal first
+            if first is not None:
+                failure, first = first, None
+                raise failure
+            return attempt()
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self._policy.in_process_attempts)
+            | stop_before_delay(max(deadline - self._clock(), 0.0)),
+            wait=wait_random_exponential(multiplier=0.1, max=self._policy.in_process_max_wait_s),
+            retry=retry_if_exception(self._worth_resending),
+            reraise=True,
+        )
+        return retrying(again)
 
     def _worth_resending(self, exc: BaseException) -> bool:
         """In-process retries: what was not sent, and ambiguous failures when opted in."""
