@@ -190,12 +190,13 @@ def _open_socket(address: tuple[str, int], timeout_s: float) -> socket.socket:
 class _Conn:
     """One kept-alive connection: its socket and the bytes read but not yet used."""
 
-    __slots__ = ("buf", "idle_since", "sock")
+    __slots__ = ("buf", "idle_since", "poller", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buf = bytearray()
         self.idle_since = 0.0
+        self.poller: select.poll | None = None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -206,9 +207,10 @@ class _Conn:
         if self.buf or (isinstance(self.sock, ssl.SSLSocket) and self.sock.pending()):
             return True
         try:
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-            return bool(poller.poll(0))
+            if self.poller is None:
+                self.poller = select.poll()
+                self.poller.register(self.sock, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(self.poller.poll(0))
         except (OSError, ValueError):
             return True
 
