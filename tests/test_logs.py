@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from typing import Any
 
 import pytest
 
-from worker.logs import MASK, configure_logging, is_secret_field, redact_text
+from worker.logs import MASK, batched, configure_logging, is_secret_field, redact_text
 
 API_KEY = "k"
 DEVICE_PASSWORD = "4567"
@@ -227,3 +228,65 @@ def test_every_secret_field_is_found_by_the_quick_scan() -> None:
         folded = name.lower().replace("-", "_")
         assert any(clue in folded for clue in _CLUES), name
         assert "hunter2" not in redact_text(f"{name}=hunter2"), name
+
+
+class _Writes(io.StringIO):
+    """A stream that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
+
+
+def test_a_batch_writes_its_lines_in_order_in_one_write_when_it_ends() -> None:
+    out = _Writes()
+    log = _logger(out)
+    with batched():
+        for n in range(3):
+            log.info("line %d", n, extra={"command_id": f"cmd-{n}"})
+        with batched():  # nested: the outer batch writes
+            log.warning("nested")
+        assert out.getvalue() == "" and out.writes == 0
+    assert out.writes == 1
+    entries = _entries(out)
+    assert [e["message"] for e in entries] == ["line 0", "line 1", "line 2", "nested"]
+    assert entries[1]["command_id"] == "cmd-1"
+    log.info("after")  # outside a batch: written at once, as before
+    assert out.writes == 2 and _entries(out)[-1]["message"] == "after"
+
+
+def test_other_threads_write_at_once_during_a_batch() -> None:
+    out = _Writes()
+    log = _logger(out)
+    with batched():
+        log.info("gathered")
+        other = threading.Thread(target=lambda: log.info("other thread"))
+        other.start()
+        other.join()
+        assert [e["message"] for e in _entries(out)] == ["other thread"]
+    assert [e["message"] for e in _entries(out)] == ["other thread", "gathered"]
+
+
+def test_a_batch_that_raises_still_writes_its_lines() -> None:
+    out = _Writes()
+    log = _logger(out)
+    with pytest.raises(RuntimeError), batched():
+        log.info("before the error")
+        raise RuntimeError("boom")
+    assert [e["message"] for e in _entries(out)] == ["before the error"]
+    log.info("next")
+    assert out.writes == 2
+
+
+def test_batched_without_the_worker_handler_changes_nothing() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    with batched():
+        logging.getLogger("pabx_worker.test").warning("plain")
+        assert out.getvalue() == "plain\n"

@@ -35,6 +35,7 @@ from worker.consume.pipeline import Decision, Finish, Prepared, Processor, Reque
 from worker.contract.errors import BrokerError, StoreError
 from worker.contract.settings import Settings
 from worker.contract.topology import Topology
+from worker.logs import batched
 from worker.tracing import log_ids
 
 __all__ = ["Worker", "WorkerState"]
@@ -242,7 +243,8 @@ class _Session:
         last_beat = 0.0
         while True:
             worker.notifier.watchdog()  # this loop turning is what "alive" means
-            self._carry_out_finished()
+            with batched():  # a line per command, one write for all of them
+                self._carry_out_finished()
             if worker._stop.is_set() and stop_by is None:
                 stop_by = time.monotonic() + self.settings.shutdown_timeout_s
                 self._cancel()
