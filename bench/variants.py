@@ -28,6 +28,11 @@ Patches:
     The PostgreSQL store's claim and first mark of a new command as two statements in one
     pipeline (one round trip, two statements for psycopg to send and read) instead of one
     call of the ``claim_send`` function.
+``log-unbatched``
+    The connection thread writes each command's log line as it comes (one ``write`` each)
+    instead of one ``write`` for a turn's lines.
+``log-warning``
+    ``LOG_LEVEL=WARNING``: no line per command. What the line costs.
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
@@ -134,6 +139,25 @@ def _pg_pipelined() -> None:
     PostgresStore._insert_and_send = insert_and_send  # type: ignore[method-assign]
 
 
+def _log_warning() -> None:
+    import worker.runtime
+
+    configure = worker.runtime.configure_logging
+
+    def quiet(**kwargs: object) -> None:
+        configure(**{**kwargs, "level": "WARNING"})  # type: ignore[arg-type]
+
+    worker.runtime.configure_logging = quiet  # type: ignore[assignment]
+
+
+def _log_unbatched() -> None:
+    import contextlib
+
+    import worker.consume.consumer
+
+    worker.consume.consumer.batched = contextlib.nullcontext  # type: ignore[assignment]
+
+
 def _amqp_unbuffered() -> None:
     import worker.adapters.amqp_io
 
@@ -157,6 +181,8 @@ PATCHES: dict[str, Callable[[], None]] = {
     "pg-pool-8": _pg_pool(8),
     "pg-pool-16": _pg_pool(16),
     "pg-pipelined": _pg_pipelined,
+    "log-warning": _log_warning,
+    "log-unbatched": _log_unbatched,
     "amqp-unbuffered": _amqp_unbuffered,
     "prefetch-1x": _prefetch(1),
     "prefetch-2x": _prefetch(2),
