@@ -91,7 +91,11 @@ def raw_body(message: Any) -> bytes:
 
 
 class Producer:
-    """Publishes commands to ``pabx.commands`` and collects outcome events by correlation id."""
+    """Publishes commands to ``pabx.commands`` and collects outcome events by correlation id.
+
+    Use one from one thread at a time, as the py-amqp connection under it is: give each
+    thread that publishes a producer of its own.
+    """
 
     def __init__(
         self,
