@@ -4,29 +4,22 @@ Each publish returns at once; the callback runs when the broker acks (``True``)
 or nacks (``False``) it. Callbacks run on the connection's thread, from
 ``drain_events``: they must not block.
 
-On a py-amqp channel a publication whose frames fit in one ``frame_max`` is written as
-one buffer built here: the ``basic.publish`` method frame (its arguments encoded once per
-exchange, routing key and ``mandatory``), the content header (py-amqp encodes the
-properties) and the body frame, if the body is not empty. That is what py-amqp's
-``basic_publish`` writes, less its per-call promise and the encoding of the same
-arguments again. A larger one goes through ``basic_publish``. Either way the channel's
-connection must be written to by one thread at a time, as the worker's connection
-thread does.
+On a py-amqp channel a publication that fits one frame is written by
+:func:`~worker.adapters.frames.write_publish` (one buffer, the method's arguments encoded
+once per exchange and key), a larger one by py-amqp's ``basic_publish``.
 """
 
 from __future__ import annotations
 
 import logging
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from amqp import Channel, Message
-from amqp.serialization import dumps
-from amqp.spec import Basic
+from amqp import Message
 
 from worker.adapters.channel import AmqpChannel
+from worker.adapters.frames import PublishMethods, write_publish
 from worker.contract import headers as hdr
 
 __all__ = ["ConfirmingPublisher", "Publication"]
@@ -34,15 +27,6 @@ __all__ = ["ConfirmingPublisher", "Publication"]
 log = logging.getLogger("pabx_worker.publisher")
 
 OnConfirm = Callable[[bool], None]
-
-#: A frame's type, channel and size; the frame end octet; a content header's class,
-#: weight and body size; the method id of ``basic.publish``.
-_FRAME = struct.Struct(">BHI").pack
-_END = b"\xce"
-_HEADER = struct.Struct(">HHQ").pack
-_METHOD_ID = struct.pack(">HH", *Basic.Publish)
-#: Encoded ``basic.publish`` arguments kept (they repeat: a few exchanges and keys).
-_METHOD_CACHE = 256
 
 
 class Publication:
@@ -74,7 +58,7 @@ class ConfirmingPublisher:
         self._returned: set[int] = set()
         self._pending: OrderedDict[int, OnConfirm] = OrderedDict()
         self._seq = 0
-        self._methods: dict[tuple[str, str, bool], bytes] = {}
+        self._methods = PublishMethods()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
         channel.events["basic_return"].add(self._on_return)
@@ -93,47 +77,17 @@ class ConfirmingPublisher:
             headers = {**(properties.get("application_headers") or {}), hdr.PUBLISH_SEQ: seq}
             properties = {**properties, "application_headers": headers}
         message = Message(publication.body, delivery_mode=2, **properties)
-        if not self._write_frames(message, publication):
+        exchange, key, mandatory = (
+            publication.exchange,
+            publication.routing_key,
+            publication.mandatory,
+        )
+        if not write_publish(self._channel, self._methods, message, exchange, key, mandatory):
             self._channel.basic_publish(
-                message,
-                exchange=publication.exchange,
-                routing_key=publication.routing_key,
-                mandatory=publication.mandatory,
+                message, exchange=exchange, routing_key=key, mandatory=mandatory
             )
         self._seq = seq
         self._pending[seq] = on_confirm
-
-    def _write_frames(self, message: Message, publication: Publication) -> bool:
-        """Write the publication's three frames as one buffer; False: not done (not a
-        py-amqp channel, or it needs more than one body frame)."""
-        channel = self._channel
-        if not isinstance(channel, Channel) or not channel.is_open:
-            return False
-        connection = channel.connection
-        if connection is None or connection.transport is None:
-            return False
-        key = (publication.exchange, publication.routing_key, publication.mandatory)
-        method = self._methods.get(key)
-        if method is None:
-            args = (0, publication.exchange, publication.routing_key, publication.mandatory, 0)
-            method = _METHOD_ID + dumps("Bssbb", args)
-            if len(self._methods) >= _METHOD_CACHE:
-                self._methods.clear()
-            self._methods[key] = method
-        body = message.body
-        if not isinstance(body, bytes):
-            return False  # py-amqp encodes a str body, and says how
-        header = _HEADER(Basic.CLASS_ID, 0, len(body)) + message._serialize_properties()
-        if len(method) + len(header) + len(body) + 24 > connection.frame_max:
-            return False
-        number = channel.channel_id
-        frames = [_FRAME(1, number, len(method)), method, _END]
-        frames += (_FRAME(2, number, len(header)), header, _END)
-        if body:  # an empty body has no body frame
-            frames += (_FRAME(3, number, len(body)), body, _END)
-        connection.transport.write(b"".join(frames))
-        connection.bytes_sent += 1  # as py-amqp counts a write, for its heartbeats
-        return True
 
     def _settle(self, tag: int, multiple: bool, ok: bool) -> None:
         if not multiple:
