@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter, Histogram
+
 from worker.adapters.broker import broker_errors, connect, where
 from worker.adapters.channel import AmqpConnection, Connect, InboundMessage
 from worker.adapters.confirms import ConfirmingPublisher
+from worker.adapters.frames import write_acks
 from worker.adapters.systemd import Notifier
 from worker.consume.acks import Acks
 from worker.consume.circuit import CircuitState
@@ -33,6 +37,7 @@ from worker.consume.inbound import to_delivery, tolerate_non_utf8_properties
 from worker.consume.observability import CIRCUIT_VALUES, Metrics
 from worker.consume.pipeline import Decision, Finish, Prepared, Processor, Requeue, Retry
 from worker.contract.errors import BrokerError, StoreError
+from worker.contract.models import Status
 from worker.contract.settings import Settings
 from worker.contract.topology import Topology
 from worker.logs import batched
@@ -56,6 +61,9 @@ BUSY_POLL_S = 0.01
 PREFETCH_PER_THREAD = 1
 #: Poll interval while idle (bounds how fast SIGTERM is noticed).
 IDLE_POLL_S = 0.2
+#: How often the loop looks at the circuits and the store (consume, pause, probe): at most
+#: once per turn, and no more often than this while frames keep the loop turning.
+BREAKER_CHECK_S = 0.005
 #: Longest pause between reconnection attempts.
 MAX_RECONNECT_WAIT_S = 10.0
 #: How often records past the retention period are dropped from the store.
@@ -222,6 +230,10 @@ class _Session:
         self.acks = Acks()
         self.consumer_tag: str | None = None
         self.prefetch = 0
+        #: The commands counter's and outcome histogram's series of each outcome kind.
+        self.meters: dict[tuple[Status, bool], tuple[Counter, Histogram]] = {}
+        #: When the circuits were last looked at (:meth:`_follow_breaker`).
+        self.breakers_seen = -math.inf
 
     def run(self) -> None:
         with broker_errors():
@@ -248,7 +260,9 @@ class _Session:
             if worker._stop.is_set() and stop_by is None:
                 stop_by = time.monotonic() + self.settings.shutdown_timeout_s
                 self._cancel()
-            if stop_by is None:
+            now = time.monotonic()
+            if stop_by is None and now - self.breakers_seen >= BREAKER_CHECK_S:
+                self.breakers_seen = now
                 self._follow_breaker()
             if stop_by is not None and (self._idle() or time.monotonic() > stop_by):
                 return
@@ -262,8 +276,10 @@ class _Session:
                 last_beat = now
 
     def _send_acks(self) -> None:
-        for tag, multiple in self.acks.flush():
-            self.channel.basic_ack(tag, multiple=multiple)
+        acks = self.acks.flush()
+        if acks and not write_acks(self.channel, acks):  # not a py-amqp channel
+            for tag, multiple in acks:
+                self.channel.basic_ack(tag, multiple=multiple)
 
     def _idle(self) -> bool:
         return self.worker.state.in_flight == 0 and not self.unacked and not self.acks.waiting
@@ -354,9 +370,17 @@ class _Session:
         self._account(job)
 
     def _meter(self, finish: Finish, seconds: float) -> None:
-        metrics, status = self.worker.metrics, finish.status.value
-        metrics.commands.labels(status, str(finish.duplicate).lower()).inc()
-        metrics.outcome_seconds.labels(status).observe(seconds)
+        metrics, key = self.worker.metrics, (finish.status, finish.duplicate)
+        series = self.meters.get(key)
+        if series is None:  # a label lookup once per status, not once per command
+            status = finish.status.value
+            series = (
+                metrics.commands.labels(status, str(finish.duplicate).lower()),
+                metrics.outcome_seconds.labels(status),
+            )
+            self.meters[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
         if parks(finish):
             metrics.parked.inc()
 
