@@ -146,6 +146,10 @@ def readable_command_id(delivery: Delivery) -> str | None:
     return delivery.message_id if is_command_id(delivery.message_id) else None
 
 
+#: One encoder: ``json.dumps`` with options builds a new one each call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def fingerprint(command: RedirectCommand) -> str:
     """Hash of what the command asks for, normalised; timestamps and password left out.
 
@@ -159,8 +163,7 @@ def fingerprint(command: RedirectCommand) -> str:
         "channel_id": command.channel_id,
         "redirect": command.redirect.model_dump(exclude_none=True, exclude={"SENHA_DISPOSITIVO"}),
     }
-    canonical = json.dumps(normal, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(normal).encode()).hexdigest()
 
 
 def event_id_for(command_id: str, body_fingerprint: str, replay: int = 0) -> str:
