@@ -180,6 +180,10 @@ class _ConnectFailed(Exception):
         self.timed_out = timed_out
 
 
+#: One encoder for request bodies: ``json.dumps`` with options builds a new one each call.
+_JSON = json.JSONEncoder(ensure_ascii=False)
+
+
 def _open_socket(address: tuple[str, int], timeout_s: float) -> socket.socket:
     """A connected TCP socket, Nagle off."""
     sock = socket.create_connection(address, timeout=timeout_s)
@@ -652,7 +656,7 @@ class HttpPabx:
                 f"PABX api_key of target {target.name} cannot be sent: "
                 "an HTTP header carries printable ASCII only"
             )
-        payload = json.dumps(body, ensure_ascii=False).encode()
+        payload = _JSON.encode(body).encode()
         extra = "".join(
             f"{name}: {value}\r\n"
             for name, value in trace_headers.items()
