@@ -120,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
         help="worker CONCURRENCY and FastStream prefetch (32)",
     )
     p.add_argument(
+        "--queue-type",
+        choices=("quorum", "classic"),
+        default="quorum",
+        help="the command queue's type, QUEUE_TYPE, for every consumer (quorum)",
+    )
+    p.add_argument(
         "--store",
         choices=("sqlite", "redis", "postgres", "memory"),
         default="sqlite",
@@ -239,6 +245,7 @@ def options_from(args: argparse.Namespace) -> Options:
         commands=args.commands,
         latencies=args.latencies,
         concurrency=args.concurrency,
+        queue_type=args.queue_type,
         store=args.store,
         kinds=args.kinds,
         scale=args.scale,

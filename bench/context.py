@@ -81,6 +81,7 @@ class Context:
             "http_port": 0,
             # A drain of many commands may take longer than the default 120 s TTL.
             "command_ttl_s": 3600,
+            "queue_type": self.options.queue_type,
             **private_names(f"bench.{prefix}"),
             **extra,
         }

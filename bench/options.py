@@ -52,6 +52,8 @@ class Options:
     latencies: tuple[float, ...] = (0.0, 20.0)
     concurrency: int = 32
     store: str = "sqlite"
+    #: The command queue's type (``QUEUE_TYPE``), for every consumer.
+    queue_type: str = "quorum"
     kinds: tuple[str, ...] = KINDS
     scale: bool = False
     #: With ``scale``: the worker's process counts, and the stores they share.
