@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from worker.tracing import NO_TRACING, Tracing, tracing_from_env
 
 __all__ = [
     "PROCESS_INDEX_ENV",
+    "SUPERVISOR_PID_ENV",
     "build_processor",
     "run_worker",
     "secrets_of",
@@ -43,6 +46,10 @@ STORE_RECHECK_S = 1.0
 #: Set by ``run --processes N`` in each worker it starts: the worker's place, 0 to N-1.
 #: Not a ``PABX_WORKER_*`` name: those are settings, and an unknown one is an error.
 PROCESS_INDEX_ENV = "PABX_PROCESS_INDEX"
+#: The supervisor's pid, set in its children's environment (:func:`end_with_supervisor`).
+SUPERVISOR_PID_ENV = "PABX_SUPERVISOR_PID"
+#: ``prctl`` option: the signal a process gets when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
 
 
 def secrets_of(settings: Settings) -> list[str]:
@@ -188,6 +195,10 @@ def run_worker(settings: Settings) -> None:
     if index is not None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_ProcessIndex(index))
+    supervisor = os.environ.get(SUPERVISOR_PID_ENV, "")
+    if supervisor.isdigit() and not end_with_supervisor(int(supervisor)):
+        log.warning("the supervisor is gone; not starting")
+        return
     _log_dependencies(settings, settings.require_targets())
     metrics = Metrics()
     try:
@@ -195,6 +206,21 @@ def run_worker(settings: Settings) -> None:
     finally:
         tracing.shutdown()
     log.info("stopped")
+
+
+def end_with_supervisor(supervisor: int) -> bool:
+    """A child of ``run --processes N``: SIGTERM when the supervisor dies, however it dies.
+
+    On Linux the kernel sends it (``PR_SET_PDEATHSIG``), so a supervisor killed with
+    SIGKILL leaves no worker behind: each drains its commands and stops, as on the
+    supervisor's own SIGTERM. Elsewhere nothing is asked for. False when the supervisor is
+    gone already (the child's parent is no longer it).
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    return os.getppid() == supervisor  # checked after asking: no death goes unnoticed
 
 
 class _ProcessIndex(logging.Filter):

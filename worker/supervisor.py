@@ -16,6 +16,10 @@ log lines names its place (``process_index``). The supervisor:
   ``pabx_worker_process_restarts_total``), ``/healthz``, and ``/readyz`` (200 when every
   child's is);
 - under systemd says ``READY=1`` once every child is ready, and pings the watchdog.
+
+A supervisor killed outright (SIGKILL) leaves no child behind on Linux: each child asked the
+kernel for SIGTERM when its parent dies (:func:`~worker.runtime.end_with_supervisor`), and
+drains and stops as on the supervisor's own SIGTERM.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ from worker.adapters.systemd import Notifier
 from worker.consume.observability import HealthServer, merge_expositions
 from worker.contract.settings import ENV_PREFIX, Settings
 from worker.logs import configure_logging
-from worker.runtime import PROCESS_INDEX_ENV, secrets_of, serve_health
+from worker.runtime import PROCESS_INDEX_ENV, SUPERVISOR_PID_ENV, secrets_of, serve_health
 
 __all__ = [
     "GroupMetrics",
@@ -254,6 +258,7 @@ class Supervisor:
             f"{ENV_PREFIX}HTTP_HOST": CHILD_HOST,
             f"{ENV_PREFIX}HTTP_PORT": str(child.port),
             PROCESS_INDEX_ENV: str(child.index),
+            SUPERVISOR_PID_ENV: str(os.getpid()),
         }
         if child.started:
             self.metrics.restarts.inc()

@@ -92,6 +92,31 @@ def test_a_killed_child_is_restarted_and_no_command_is_lost_or_sent_twice(
     assert not [pid for pid in everyone if Path(f"/proc/{pid}").exists()]
 
 
+@pytest.mark.timeout(120)
+def test_a_supervisor_killed_outright_leaves_no_child_behind(
+    group: WorkerProcess, settings: Settings
+) -> None:
+    base = f"http://127.0.0.1:{settings.http_port}"
+    assert wait_until(lambda: _status(f"{base}/readyz") == 200, 30), group.log[-3000:]
+    children = _children(group.proc.pid)
+    assert len(children) == 2, group.log[-3000:]
+    os.kill(group.proc.pid, signal.SIGKILL)
+    group.proc.wait(10)
+    # Each child drains and stops as on SIGTERM (Linux: the kernel tells it its parent died).
+    assert wait_until(lambda: not [pid for pid in children if _alive(pid)], 40), children
+    stopped = lambda: sum(m == "stopped" for m in group.messages())  # noqa: E731
+    assert wait_until(lambda: stopped() == 2, 10), group.log[-3000:]
+
+
+def _alive(pid: int) -> bool:
+    """Running: there and not a zombie waiting for a parent to reap it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X")
+
+
 def _status(url: str) -> int | None:
     try:
         return requests.get(url, timeout=5).status_code
