@@ -1,5 +1,7 @@
 """``run --processes 2`` on one SQLite file: a child killed mid-stream is restarted, no command is
-lost or accepted twice by the PABX, the group's endpoint covers both, SIGTERM stops all."""
+lost, none is accepted twice by the PABX unless it was answered but not yet recorded when
+the child died (README), the group's endpoint covers both, SIGTERM stops all; a supervisor
+killed outright leaves no child behind."""
 
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ def test_a_killed_child_is_restarted_and_no_command_is_lost_or_sent_twice(
     peer.events(COMMANDS // 4, timeout=60)
     victim = first[0]
     os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)  # answers and events already on the wire land
+    # What may be sent again (README: a kill -9 between sending and recording): commands
+    # the PABX accepted that had no outcome yet.
+    answered = {r["body"]["DADOS"] for r in sim_requests(sim) if r["status"] == 200}
+    in_flight = answered - {event["data"]["command_id"] for _, event in peer.seen}
     assert wait_until(lambda: _restarted(group.proc.pid, first), 30), group.log[-3000:]
 
     events = _outcomes(peer, set(ids), timeout=150)
@@ -74,7 +81,9 @@ def test_a_killed_child_is_restarted_and_no_command_is_lost_or_sent_twice(
     assert all(len(event_ids) == 1 for event_ids in by_command.values())  # one outcome each
     assert {event["data"]["status"] for _, event in events} == {"accepted"}
     accepted = Counter(r["body"]["DADOS"] for r in sim_requests(sim) if r["status"] == 200)
-    assert set(accepted) == set(ids) and max(accepted.values()) == 1
+    assert set(accepted) == set(ids)
+    assert {cid for cid, times in accepted.items() if times > 1} <= in_flight
+    assert max(accepted.values()) <= 2
 
     assert wait_until(lambda: _status(f"{base}/readyz") == 200, 30)
     families = {f.name: f for f in text_string_to_metric_families(_get(f"{base}/metrics"))}

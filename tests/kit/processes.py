@@ -267,7 +267,9 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(10)
         self._reader.join(5)
-        if self.proc.stdout is not None:
+        # A reader still blocked in read() holds the stream's lock: closing it would wait
+        # for ever (a process the worker started may still hold the pipe's other end).
+        if self.proc.stdout is not None and not self._reader.is_alive():
             self.proc.stdout.close()
 
 
