@@ -338,10 +338,8 @@ class _Session:
     def _on_message(self, message: InboundMessage) -> None:
         delivery = to_delivery(message)
         prepared = self.worker._processor.prepare(delivery)
-        issued = prepared.command.issued_at if prepared.command else None
-        if (since := issued or delivery.timestamp) is not None:
-            waited = time.time() - since.timestamp()
-            self.worker.metrics.queue_seconds.observe(max(waited, 0.0))
+        if (issued := prepared.issued) is not None:
+            self.worker.metrics.queue_seconds.observe(max(time.time() - issued, 0.0))
         job = _Job(self.session, message.delivery_tag, prepared)
         self.acks.delivered(message.delivery_tag)
         self.worker.state.in_flight += 1

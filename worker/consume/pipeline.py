@@ -202,10 +202,9 @@ class Valid:
 
     @cached_property
     def issued(self) -> float | None:
-        """When the command was issued, as a Unix time: its ``issued_at``, else the
-        message's timestamp; None when it carries neither (first seen stands in)."""
-        issued = self.command.issued_at or self.delivery.timestamp
-        return None if issued is None else issued.timestamp()
+        """When the command was issued, as a Unix time (:func:`_issued`); None when it
+        carries neither (first seen stands in)."""
+        return _issued(self.command, self.delivery)
 
     @cached_property
     def expires(self) -> float | None:
@@ -231,9 +230,20 @@ class Unusable:
     def call_key(self) -> None:
         return None
 
+    @property
+    def issued(self) -> float | None:
+        """When the command was issued, as a Unix time (:func:`_issued`), or None."""
+        return _issued(self.command, self.delivery)
+
 
 #: A delivery after the CPU-only steps.
 Prepared: TypeAlias = Valid | Unusable
+
+
+def _issued(command: RedirectCommand | None, delivery: Delivery) -> float | None:
+    """The command's ``issued_at``, else the message's timestamp, as a Unix time."""
+    issued = (command.issued_at if command is not None else None) or delivery.timestamp
+    return None if issued is None else issued.timestamp()
 
 
 class Processor:
