@@ -128,9 +128,7 @@ CREATE UNLOGGED TABLE IF NOT EXISTS {slots} (
 """
 # Created when missing, never replaced: replacing needs its owner, and a changed function
 # gets a new name (_CLAIM_SEND).
-_HAS_CLAIM_SEND = (
-    "SELECT to_regprocedure(quote_ident(%s) || '(text, text, text, float8, float8, text, float8)')"
-)
+_HAS_CLAIM_SEND = "SELECT to_regproc(quote_ident(%s))"
 _CREATE_CLAIM_SEND = """
 CREATE FUNCTION {claim_send}(
     p_id TEXT, p_fingerprint TEXT, p_token TEXT, p_now DOUBLE PRECISION,
