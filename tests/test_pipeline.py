@@ -474,6 +474,39 @@ def test_call_held_by_another_worker_waits_then_goes_through_the_broker(clock: C
     assert run(processor, delivery(command(issued_at=_at(-1)))).status is Status.ACCEPTED
 
 
+@pytest.mark.parametrize(
+    ("answer", "retry_ambiguous", "held_s"),
+    [
+        (PabxOutcomeUnknown("PABX timed out after the request was sent"), False, 4.0),
+        (PabxOutcomeUnknown("PABX connection lost after the request was sent"), True, 4.0),
+        (500, False, 0.0),  # answered: the PABX is done with it
+        (503, False, 0.0),
+    ],
+)
+def test_a_call_stays_held_after_a_request_that_got_no_answer(
+    clock: Clock, answer: Any, retry_ambiguous: bool, held_s: float
+) -> None:
+    """The PABX may still be carrying out an unanswered request: the next command for
+    the call waits the read timeout again, so the two never overlap at the PABX."""
+    store = MemoryStore(clock=clock)
+    answers = [answer] * (3 if retry_ambiguous or answer == 503 else 1)
+    processor = make(
+        FakePabx(answers), clock, store, unanswered_hold_s=4.0, retry_ambiguous=retry_ambiguous
+    )
+    first = run(processor, delivery(command(command_id="first", issued_at=_at(-2))))
+    assert isinstance(first, Retry) or first.status is Status.FAILED
+    done_at = clock()
+    newer = processor.prepare(delivery(command(command_id="newer", issued_at=_at(-1))))
+    claim = store.claim("newer", newer.fingerprint, now=done_at, lease_s=30)
+    sent = store.mark_sent(
+        "newer", claim.token or "", CallRef(newer.call_key or "", NOW - 1), now=done_at, lease_s=30
+    )
+    if held_s:
+        assert sent == Send(SendState.CALL_BUSY, busy_until=done_at + held_s)
+    else:
+        assert sent.state is SendState.SENT
+
+
 def test_outcome_is_not_recorded_by_a_worker_that_lost_its_lease(clock: Clock) -> None:
     class TakenOver(MemoryStore):
         def record(self, *args: Any, **kwargs: Any) -> bytes | None:

@@ -510,6 +510,56 @@ def test_release_lets_go_of_the_call(store: Store) -> None:
     )
 
 
+@pytest.mark.parametrize("let_go", ["record", "release"])
+def test_a_hold_kept_after_an_unanswered_request_lapses_at_its_end(
+    store: Store, let_go: str
+) -> None:
+    first = _holding(store, "first", T0, now=T0 + 1)
+    if let_go == "record":
+        assert store.record("first", first, b"x", now=T0 + 2, hold_call_s=3) == b"x"
+    else:
+        store.release("first", first, now=T0 + 2, hold_call_s=3)
+    # The command is done (or released), but its call stays held until T0 + 5...
+    assert _state(store, "first", now=T0 + 2)[0] is (
+        ClaimState.DONE if let_go == "record" else ClaimState.NEW
+    )
+    second = _claimed(store, "second", now=T0 + 2)
+    assert _sent(store, "second", second, CallRef(CALL, T0 + 1), now=T0 + 4.5) == Send(
+        SendState.CALL_BUSY, busy_until=T0 + 5
+    )
+    # ...other calls are free meanwhile...
+    assert _holding(store, "other", T0, now=T0 + 3, call=OTHER_CALL)
+    # ...and at T0 + 5 the hold has lapsed: the newer command goes out.
+    assert _sent(store, "second", second, CallRef(CALL, T0 + 1), now=T0 + 5) == Send(
+        SendState.SENT, 1
+    )
+
+
+def test_a_kept_hold_never_takes_a_call_another_command_holds(store: Store) -> None:
+    first = _holding(store, "first", T0, now=T0 + 1)
+    releasing = _holding(store, "releasing", T0, now=T0 + 1, call=OTHER_CALL)
+    # Their holds lapse with their leases; newer commands take the calls; the first two,
+    # done late, keep no hold on calls that are no longer theirs.
+    second = _holding(store, "second", T0 + 1, now=T0 + 1 + LEASE)
+    other = _holding(store, "other", T0 + 1, now=T0 + 1 + LEASE, call=OTHER_CALL)
+    assert store.record("first", first, b"x", now=T0 + 2 + LEASE, hold_call_s=100) == b"x"
+    store.release("releasing", releasing, now=T0 + 2 + LEASE, hold_call_s=100)
+    assert store.record("other", other, b"z", now=T0 + 3 + LEASE) == b"z"
+    late = _claimed(store, "late", now=T0 + 3 + LEASE)
+    assert _sent(store, "late", late, CallRef(OTHER_CALL, T0 + 2), now=T0 + 3 + LEASE).state is (
+        SendState.SENT
+    )
+    third = _claimed(store, "third", now=T0 + 3 + LEASE)
+    assert _sent(store, "third", third, CallRef(CALL, T0 + 2), now=T0 + 3 + LEASE) == Send(
+        SendState.CALL_BUSY, busy_until=T0 + 1 + 2 * LEASE
+    )
+    # The holder lets go normally: the call is free at once.
+    assert store.record("second", second, b"y", now=T0 + 4 + LEASE) == b"y"
+    assert _sent(store, "third", third, CallRef(CALL, T0 + 2), now=T0 + 4 + LEASE).state is (
+        SendState.SENT
+    )
+
+
 def test_refusals_change_nothing(store: Store) -> None:
     holder = _holding(store, "holder", T0 + 10, now=T0 + 1)
     busy = _claimed(store, "busy", now=T0 + 1)

@@ -158,6 +158,9 @@ class Policy:
     retry_ambiguous: bool = False
     #: The longest one PABX request may take (connect + read timeout).
     request_s: float = 8.0
+    #: How long a command keeps holding its call after a request of its went unanswered:
+    #: the PABX may still be carrying it out (the read timeout, once more).
+    unanswered_hold_s: float = 5.0
     #: CloudEvents ``source`` of outcome events (the deployment).
     event_source: str = SOURCE
 
@@ -174,6 +177,7 @@ class Policy:
             retry_delays_s=settings.retry_delays_s,
             retry_ambiguous=settings.retry_ambiguous,
             request_s=request_s,
+            unanswered_hold_s=settings.pabx_read_timeout_s,
             event_source=settings.event_source,
         )
 
@@ -573,11 +577,20 @@ class Processor:
         except PabxPermanentError as exc:
             status = Status.REJECTED if isinstance(exc, PabxBadRequest) else Status.FAILED
             return self._record(
-                prepared, token, status, exc.code, str(exc), attempt.attempts, exc.status_code
+                prepared,
+                token,
+                status,
+                exc.code,
+                str(exc),
+                attempt.attempts,
+                exc.status_code,
+                hold_call_s=self._hold_after(attempt),
             )
         except PabxOutcomeUnknown as exc:
             if self._policy.retry_ambiguous:
-                return self._after_transient(prepared, token, exc, attempt.attempts, deadline)
+                return self._after_transient(
+                    prepared, token, exc, attempt.attempts, deadline, self._hold_after(attempt)
+                )
             return self._record(
                 prepared,
                 token,
@@ -586,12 +599,19 @@ class Processor:
                 f"{exc}: the PABX may have carried it out; not resent (RETRY_AMBIGUOUS is off)",
                 attempt.attempts,
                 exc.status_code,
+                hold_call_s=self._hold_after(attempt),
             )
         except (PabxTransientError, RetryError) as exc:
-            return self._after_transient(prepared, token, exc, attempt.attempts, deadline)
+            return self._after_transient(
+                prepared, token, exc, attempt.attempts, deadline, self._hold_after(attempt)
+            )
         return self._record(
             prepared, token, Status.ACCEPTED, None, None, attempt.attempts, status_code
         )
+
+    def _hold_after(self, attempt: _Attempt) -> float:
+        """How long the command keeps its call once done: see :attr:`Policy.unanswered_hold_s`."""
+        return self._policy.unanswered_hold_s if attempt.unanswered else 0.0
 
     def _attempts(self, attempt: _Attempt, deadline: float) -> int:
         """The request, sent again in process (tenacity) while that can help: at most
@@ -674,7 +694,13 @@ class Processor:
         return status_code
 
     def _after_transient(
-        self, prepared: Valid, token: str, exc: BaseException, attempts: int, deadline: float
+        self,
+        prepared: Valid,
+        token: str,
+        exc: BaseException,
+        attempts: int,
+        deadline: float,
+        hold_call_s: float = 0.0,
     ) -> Decision:
         command_id = prepared.command_id
         error = exc if isinstance(exc, PabxError) else PabxUnreachable(str(exc))
@@ -687,6 +713,7 @@ class Processor:
                 f"{error} (after {attempts} attempts)",
                 attempts,
                 error.status_code,
+                hold_call_s=hold_call_s,
             )
         now = self._clock()
         if now >= deadline:  # expired only once the deadline has really passed
@@ -698,13 +725,18 @@ class Processor:
                 f"the deadline passed while the PABX failed: {error}",
                 attempts,
                 error.status_code,
+                hold_call_s=hold_call_s,
             )
         retries = header_count(prepared.delivery.headers, hdr.RETRIES)
         steps = self._policy.retry_delays_s
         delay = steps[min(retries, len(steps) - 1)]
         if delay > deadline - now:  # come back by the deadline, not a whole step past it
             delay = max((step for step in steps if step <= deadline - now), default=steps[0])
-        self._durably(lambda: self._store.release(command_id, token, now=self._clock()))
+        self._durably(
+            lambda: self._store.release(
+                command_id, token, now=self._clock(), hold_call_s=hold_call_s
+            )
+        )
         log.info(
             "pabx transient failure, retrying through the broker",
             extra={
@@ -732,12 +764,15 @@ class Processor:
         status_code: int | None = None,
         *,
         park: bool | None = None,
+        hold_call_s: float = 0.0,
     ) -> Decision:
         command_id = prepared.command_id
         decision = self._finish(prepared, status, code, message, attempts, status_code, park=park)
         event = decision.event
         stored = self._durably(
-            lambda: self._store.record(command_id, token, event, now=self._clock())
+            lambda: self._store.record(
+                command_id, token, event, now=self._clock(), hold_call_s=hold_call_s
+            )
         )
         if stored is None:  # our lease was taken over: the new holder's outcome will stand
             log.warning("lease lost before recording", extra={"command_id": command_id})
@@ -801,6 +836,8 @@ class _Attempt:
         self.deadline = 0.0
         #: The first request's mark, when the claim made it (no rate limit to wait for).
         self.sent: Send | None = None
+        #: A request went out and no answer came: the PABX may still be carrying it out.
+        self.unanswered = False
 
     def __call__(self) -> int:
         p = self.p
@@ -812,7 +849,11 @@ class _Attempt:
             self._mark_sent()
             if p._clock() >= self.deadline:  # a store step may have waited out the deadline
                 raise _PastDeadline("the deadline passed before the request could go out")
-        return p._call_pabx(self.target_name, self.channel_id, self.body)
+        try:
+            return p._call_pabx(self.target_name, self.channel_id, self.body)
+        except PabxOutcomeUnknown as exc:
+            self.unanswered = self.unanswered or exc.status_code is None
+            raise
 
     @contextmanager
     def _probe_returned_unless_sent(self) -> Iterator[None]:

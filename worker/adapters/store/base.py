@@ -186,13 +186,17 @@ class Store(Protocol):
         """
         ...
 
-    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+    def record(
+        self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
+    ) -> bytes | None:
         """Store the outcome if ``token`` still holds the lease; returns what is stored.
 
         An outcome already stored wins and is returned whatever the token. Without
         one, a stale token stores nothing and returns ``None`` (the lease was lost).
-        Storing also releases the command's hold on its call. A record that is gone
-        (purged) stores nothing and returns ``outcome``.
+        Storing also lets go of the command's hold on its call, or, with
+        ``hold_call_s`` > 0, keeps it until ``now + hold_call_s`` (a request that got
+        no answer may still be under way at the PABX). A record that is gone (purged)
+        stores nothing and returns ``outcome``.
         """
         ...
 
@@ -210,10 +214,12 @@ class Store(Protocol):
         """
         ...
 
-    def release(self, command_id: str, token: str, *, now: float) -> None:
+    def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
         """Give up the lease and the hold on the call, without an outcome (retry queue).
 
-        Does nothing unless ``token`` is the record's and no outcome is stored.
+        ``hold_call_s`` > 0 keeps the hold on the call until ``now + hold_call_s``, as
+        for :meth:`record`. Does nothing unless ``token`` is the record's and no
+        outcome is stored.
         """
         ...
 

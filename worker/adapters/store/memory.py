@@ -167,12 +167,20 @@ class MemoryStore:
                 call.holder_until, call.updated_at = now + lease_s, now
             return True
 
-    def _let_go_of_call(self, record: _Record, command_id: str, now: float) -> None:
+    def _let_go_of_call(
+        self, record: _Record, command_id: str, now: float, hold_call_s: float
+    ) -> None:
         call = self._calls.get(record.call_key or "")
-        if call is not None and call.holder == command_id:
+        if call is None or call.holder != command_id:
+            return
+        if hold_call_s > 0:
+            call.holder_until, call.updated_at = now + hold_call_s, now
+        else:
             call.holder, call.holder_until, call.updated_at = None, 0.0, now
 
-    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+    def record(
+        self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
+    ) -> bytes | None:
         with self._lock:
             record = self._records.get(command_id)
             if record is None:  # purged meanwhile: nothing to keep it in
@@ -183,15 +191,15 @@ class MemoryStore:
                 return None
             record.state, record.outcome, record.token = "done", outcome, None
             record.updated_at = now
-            self._let_go_of_call(record, command_id, now)
+            self._let_go_of_call(record, command_id, now, hold_call_s)
             return outcome
 
-    def release(self, command_id: str, token: str, *, now: float) -> None:
+    def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
         with self._lock:
             record = self._held(command_id, token)
             if record is not None:
                 record.state, record.token, record.updated_at = "released", None, now
-                self._let_go_of_call(record, command_id, now)
+                self._let_go_of_call(record, command_id, now, hold_call_s)
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:
         with self._lock:

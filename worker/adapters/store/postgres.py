@@ -237,30 +237,40 @@ WITH renewed AS (
 )
 SELECT count(*) FROM renewed
 """
+# Let go of the call, or keep holding it until %(hold_until)s when that is not 0.
+_LET_GO_OF_CALL = """
+    UPDATE {calls} c SET holder = CASE WHEN %(hold_until)s > 0 THEN c.holder END,
+        holder_until = %(hold_until)s, updated_at = %(now)s"""
 # Store the outcome if the token holds the lease and let go of the call. Returns 1 or 0.
-_RECORD = """
+_RECORD = (
+    """
 WITH done AS (
     UPDATE {table} SET state = 'done', outcome = %(outcome)s, token = NULL,
         updated_at = %(now)s
     WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
     RETURNING call_key
-), let_go AS (
-    UPDATE {calls} c SET holder = NULL, holder_until = 0, updated_at = %(now)s
+), let_go AS ("""
+    + _LET_GO_OF_CALL
+    + """
     FROM done WHERE c.call_key = done.call_key AND c.holder = %(id)s
 )
 SELECT count(*) FROM done
 """
+)
 _SELECT_OUTCOME = "SELECT outcome FROM {table} WHERE command_id = %s"
 _SELECT_CLAIMED = "SELECT first_seen, attempts FROM {table} WHERE command_id = %s"
-_RELEASE = """
+_RELEASE = (
+    """
 WITH released AS (
     UPDATE {table} SET state = 'released', token = NULL, updated_at = %(now)s
     WHERE command_id = %(id)s AND token = %(token)s AND outcome IS NULL
     RETURNING call_key
-)
-UPDATE {calls} c SET holder = NULL, holder_until = 0, updated_at = %(now)s
+)"""
+    + _LET_GO_OF_CALL
+    + """
 FROM released WHERE c.call_key = released.call_key AND c.holder = %(id)s
 """
+)
 # The server's clock, read once per row: in the VALUES for a new target, and in DO UPDATE,
 # which runs after the target's row is locked (so a waiter reads the clock once it holds it).
 _RESERVE_SLOT = """
@@ -639,8 +649,16 @@ class PostgresStore:
             row = conn.execute(self._renew_sql, params).fetchone()
         return row is not None and row[0] == 1
 
-    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
-        params = {"id": command_id, "token": token, "now": now, "outcome": outcome}
+    def record(
+        self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
+    ) -> bytes | None:
+        params = {
+            "id": command_id,
+            "token": token,
+            "now": now,
+            "outcome": outcome,
+            "hold_until": _hold_until(now, hold_call_s),
+        }
         with self._connection() as conn:
             done = conn.execute(self._record_sql, params).fetchone()
             if done is not None and done[0] == 1:
@@ -652,9 +670,15 @@ class PostgresStore:
             return outcome
         return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
 
-    def release(self, command_id: str, token: str, *, now: float) -> None:
+    def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
+        params = {
+            "id": command_id,
+            "token": token,
+            "now": now,
+            "hold_until": _hold_until(now, hold_call_s),
+        }
         with self._connection() as conn:
-            conn.execute(self._release_sql, {"id": command_id, "token": token, "now": now})
+            conn.execute(self._release_sql, params)
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:
         with self._connection() as conn:
@@ -706,3 +730,8 @@ def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
     if row is None:
         raise StoreError("the store answered no row where one is always returned")
     return row
+
+
+def _hold_until(now: float, hold_call_s: float) -> float:
+    """Until when record/release keep holding the call: 0.0 lets go of it now."""
+    return now + hold_call_s if hold_call_s > 0 else 0.0

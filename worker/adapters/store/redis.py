@@ -201,15 +201,20 @@ return {c[1], c[2], c[3], c[4], s[1], s[2]}
 """
 )
 
-# Shared by _RENEW, _RECORD and _RELEASE: ``rec[4]`` is the record's call_key; ARGV[3] now,
-# ARGV[4] ttl_s, ARGV[5] command_id, ARGV[6] the call hashes' prefix. The call hash is
-# named from the record, not declared in KEYS (single Redis only; see the module notes).
+# Shared by _RECORD and _RELEASE: ``rec[4]`` is the record's call_key; ARGV[3] now,
+# ARGV[4] ttl_s, ARGV[5] command_id, ARGV[6] the call hashes' prefix, ARGV[7] until when
+# to keep holding the call ('0': let go now). The call hash is named from the record, not
+# declared in KEYS (single Redis only; see the module notes).
 _LET_GO_OF_CALL = """
 if rec[4] then
   local call = ARGV[6] .. rec[4]
   if redis.call('HGET', call, 'holder') == ARGV[5] then
-    redis.call('HDEL', call, 'holder')
-    redis.call('HSET', call, 'holder_until', '0', 'updated_at', ARGV[3])
+    if tonumber(ARGV[7]) > 0 then
+      redis.call('HSET', call, 'holder_until', ARGV[7], 'updated_at', ARGV[3])
+    else
+      redis.call('HDEL', call, 'holder')
+      redis.call('HSET', call, 'holder_until', '0', 'updated_at', ARGV[3])
+    end
     redis.call('EXPIRE', call, ARGV[4])
   end
 end
@@ -233,7 +238,7 @@ end
 return 1
 """
 
-# KEYS[1] record; ARGV token, outcome, now, ttl_s, command_id, call prefix. Returns
+# KEYS[1] record; ARGV token, outcome, now, ttl_s, command_id, call prefix, hold until. Returns
 # {'stored', outcome} (this one, or an earlier one, which wins), {'lost'} (stale token,
 # nothing stored) or {'gone'} (the record expired: nothing is created).
 _RECORD = (
@@ -258,8 +263,8 @@ return {'stored', ARGV[2]}
 """
 )
 
-# KEYS[1] record; ARGV token, (unused), now, ttl_s, command_id, call prefix. Returns 1 when
-# released.
+# KEYS[1] record; ARGV token, (unused), now, ttl_s, command_id, call prefix, hold until.
+# Returns 1 when released.
 _RELEASE = (
     """
 local rec = redis.call('HMGET', KEYS[1], 'token', 'outcome', 'fp', 'call_key')
@@ -302,6 +307,11 @@ _KINDS = {
 
 def _num(value: float) -> str:
     return repr(float(value))
+
+
+def _hold_until(now: float, hold_call_s: float) -> str:
+    """Until when record/release keep holding the call: '0' lets go of it now."""
+    return _num(now + hold_call_s) if hold_call_s > 0 else "0"
 
 
 class RedisStore:
@@ -468,7 +478,9 @@ class RedisStore:
         )
         return int(reply) == 1
 
-    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
+    def record(
+        self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
+    ) -> bytes | None:
         reply = self._run(
             self._record,
             command_id,
@@ -478,6 +490,7 @@ class RedisStore:
             self._ttl,
             command_id,
             self._call_prefix,
+            _hold_until(now, hold_call_s),
         )
         match bytes(reply[0]):
             case b"stored":
@@ -486,7 +499,7 @@ class RedisStore:
                 return None
         return outcome  # the record is gone (expired): nothing to keep it in
 
-    def release(self, command_id: str, token: str, *, now: float) -> None:
+    def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
         self._run(
             self._release,
             command_id,
@@ -496,6 +509,7 @@ class RedisStore:
             self._ttl,
             command_id,
             self._call_prefix,
+            _hold_until(now, hold_call_s),
         )
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:

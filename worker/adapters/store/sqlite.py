@@ -402,14 +402,21 @@ class SqliteStore:
                 )
             return True
 
-    def record(self, command_id: str, token: str, outcome: bytes, *, now: float) -> bytes | None:
-        with self._statement() as db:  # one statement; the trigger lets go of the call in it
+    def record(
+        self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
+    ) -> bytes | None:
+        # One statement; the trigger lets go of the call in it. Keeping the call held
+        # takes it back in the same transaction.
+        with self._transaction() if hold_call_s > 0 else self._statement() as db:
+            held = hold_call_s > 0 and _holds_call(db, command_id)
             rows = db.execute(
                 "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
                 " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
                 " RETURNING 1",
                 (outcome, now, command_id, token),
             ).fetchall()  # drained: the statement (and its autocommit) is finished
+            if rows and held:
+                _hold_call(db, command_id, now, hold_call_s)
         if rows:
             return outcome
         # Not stored: a new statement says why. Tokens are never reused, so what it sees
@@ -422,13 +429,17 @@ class SqliteStore:
             return outcome
         return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
 
-    def release(self, command_id: str, token: str, *, now: float) -> None:
-        with self._statement() as db:  # the trigger lets go of the call in the same statement
-            db.execute(
+    def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
+        # The trigger lets go of the call in the same statement (see record).
+        with self._transaction() if hold_call_s > 0 else self._statement() as db:
+            held = hold_call_s > 0 and _holds_call(db, command_id)
+            released = db.execute(
                 "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
                 " WHERE command_id = ? AND token = ? AND outcome IS NULL",
                 (now, command_id, token),
-            )
+            ).rowcount
+            if released and held:
+                _hold_call(db, command_id, now, hold_call_s)
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:
         with self._transaction() as db:
@@ -459,3 +470,24 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+_CALL_OF = "call_key = (SELECT call_key FROM pabx_commands WHERE command_id = ?)"
+
+
+def _holds_call(db: sqlite3.Connection, command_id: str) -> bool:
+    query = f"SELECT holder = ? FROM pabx_calls WHERE {_CALL_OF}"
+    row = db.execute(query, (command_id, command_id)).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _hold_call(db: sqlite3.Connection, command_id: str, now: float, hold_call_s: float) -> None:
+    """Hold the command's call again until ``now + hold_call_s``.
+
+    Runs in the transaction whose update just let go of it (the trigger), after
+    :func:`_holds_call` found it held by this command: no other can have taken it.
+    """
+    db.execute(
+        f"UPDATE pabx_calls SET holder = ?, holder_until = ?, updated_at = ? WHERE {_CALL_OF}",
+        (command_id, now + hold_call_s, now, command_id),
+    )
