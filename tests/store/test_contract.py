@@ -26,6 +26,7 @@ import redis
 from psycopg import sql
 
 from worker.adapters.store import RETENTION_S, ClaimState, Store, open_store
+from worker.adapters.store import sqlite as sqlite_store
 from worker.adapters.store.base import CallRef, Send, SendState
 from worker.adapters.store.memory import MemoryStore
 from worker.adapters.store.postgres import POOL_SIZE, PostgresStore
@@ -1804,3 +1805,39 @@ def test_processes_reserving_slots_of_one_target_get_distinct_spaced_slots(
     with _race_target(kind, request, tmp_path) as spec:
         answers = _run_race(spec, "slots", [(per_process, interval)] * processes_n)
     _assert_spaced([tuple(w) for windows in answers for w in windows], 100, interval)
+
+
+def test_sqlite_commits_leave_the_wal_to_the_checkpoint_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store's thread copies the WAL into the file; commits only append to the WAL."""
+    path = tmp_path / "ckpt.db"
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 3600.0)
+    store = SqliteStore(path)
+    try:
+        assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == (
+            sqlite_store.AUTOCHECKPOINT_PAGES
+        )
+        for i in range(1500):  # some 9000 WAL pages: past SQLite's own 1000, under ours
+            store.record(f"c{i}", _claimed(store, f"c{i}"), b"x" * 200, now=T0 + 1)
+        # The last connection to close would checkpoint: this one, reading, stays till the end.
+        keeper = sqlite3.connect(path, isolation_level=None)
+        keeper.execute("BEGIN")
+        assert keeper.execute("SELECT count(*) FROM pabx_commands").fetchone()[0] == 1500
+    finally:
+        store.close()
+    size = path.stat().st_size
+    assert size <= 8192  # every commit is still in the WAL only
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY_S", 0.05)
+    store = SqliteStore(path)
+    try:
+        checkpoints = [t for t in threading.enumerate() if t.name == "pabx-sqlite-checkpoints"]
+        assert len(checkpoints) == 1
+        deadline = time.monotonic() + 10
+        while path.stat().st_size <= size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_size > 100 * size  # the thread copied the WAL into the file
+    finally:
+        store.close()
+        keeper.close()
+    assert not checkpoints[0].is_alive()  # close stops it
