@@ -33,6 +33,10 @@ Patches:
     instead of one ``write`` for a turn's lines.
 ``log-warning``
     ``LOG_LEVEL=WARNING``: no line per command. What the line costs.
+``sqlite-inline-checkpoints``
+    SQLite's own WAL checkpoints: the commit that takes the WAL past 1000 pages copies it
+    into the file, holding up the store's other steps, instead of the store's checkpoint
+    thread (``worker.adapters.store.sqlite.CHECKPOINT_EVERY_S``).
 ``gc-default``
     The interpreter's own collector settings (700 allocations between young collections,
     nothing frozen) instead of those ``pabx-worker run`` sets.
@@ -164,6 +168,13 @@ def _amqp_unbuffered() -> None:
     worker.adapters.amqp_io.CHUNK = 0  # recv exactly what py-amqp asks for, as py-amqp does
 
 
+def _sqlite_inline_checkpoints() -> None:
+    from worker.adapters.store import sqlite
+
+    sqlite.AUTOCHECKPOINT_PAGES = 1000  # SQLite's default
+    sqlite.CHECKPOINT_EVERY_S = 1e9  # the thread never wakes
+
+
 def _amqp_py_waits() -> None:
     import amqp.connection
 
@@ -187,6 +198,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "prefetch-1x": _prefetch(1),
     "prefetch-2x": _prefetch(2),
     "gc-default": _gc_default,
+    "sqlite-inline-checkpoints": _sqlite_inline_checkpoints,
     "single-acks": _single_acks,
     "poll-0.5ms": _poll(0.0005),
     "poll-2ms": _poll(0.002),
