@@ -177,6 +177,20 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--paced-seconds", type=float, default=6.0, help="length of a paced run (6)")
     p.add_argument(
+        "--paced-rate",
+        type=float,
+        default=None,
+        metavar="R",
+        help="publish every paced run at R commands/s, to compare latencies at one load"
+        " (default: half of each consumer's own drain rate)",
+    )
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="paced runs also route their commands to a bare consumer of a second queue of"
+        " the same type: the broker's own publish→delivery latency, command by command",
+    )
+    p.add_argument(
         "--batch-commands",
         type=int,
         default=20_000,
@@ -255,10 +269,12 @@ def options_from(args: argparse.Namespace) -> Options:
         tutorial_commands=args.tutorial_commands,
         paced=args.paced,
         paced_seconds=args.paced_seconds,
+        paced_rate=args.paced_rate,
         batch_commands=args.batch_commands,
         idle=args.idle,
         soak=args.soak,
         peer_confirms=args.peer_confirms,
+        probe=args.probe,
         redis_url=args.redis_url,
         postgres_url=args.postgres_url,
         log_dir=args.json.parent / "logs",

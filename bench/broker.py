@@ -98,8 +98,12 @@ class Broker:
     def wait_consumers(self, queue: str, count: int, timeout: float, children: list[Child]) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.depth(queue)[1] >= count:
-                return
+            try:
+                if self.depth(queue)[1] >= count:
+                    return
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if exc.reply_code != 404:  # 404: not declared yet, so no consumer yet
+                    raise
             for child in children:
                 if not child.alive():
                     raise BenchError(f"{child.name} exited: {child.log_tail()}")

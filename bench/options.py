@@ -63,12 +63,16 @@ class Options:
     tutorial_commands: int | None = None
     paced: bool = True
     paced_seconds: float = 6.0
+    #: A fixed rate for every paced run (None: half of each consumer's own drain rate).
+    paced_rate: float | None = None
     batch_commands: int = 20_000
     idle: bool = True
     idle_seconds: float = 3.0
     soak: int = 0
     soak_chunk: int = 10_000
     peer_confirms: bool = True
+    #: Paced runs also deliver their commands to a bare consumer (bench.probe).
+    probe: bool = False
     redis_url: str = "redis://127.0.0.1:6379/14"
     postgres_url: str = "postgresql://postgres@127.0.0.1:5432/test"
     log_dir: Path = REPO / "bench" / "results" / "logs"

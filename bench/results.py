@@ -89,6 +89,8 @@ class SlowRequest:
 
     published_at_s: float
     ms: float
+    #: The same command's publish → delivery latency at the broker probe (``--probe``).
+    probe_ms: float | None = field(default=None, metadata=OMIT_NONE)
 
 
 @dataclass(kw_only=True)

@@ -162,7 +162,8 @@ def _run_latency(ctx: Context, results: BenchResults, latency: float) -> None:
         done = [r for r in by_kind[kind] if r.measured]
         if not done:
             continue
-        rate = (_best_run(done).throughput or 0.0) / 2  # half of this consumer's own maximum
+        # Half of this consumer's own maximum, unless every consumer gets one fixed rate.
+        rate = options.paced_rate or (_best_run(done).throughput or 0.0) / 2
         count = max(50, min(options.commands, int(rate * options.paced_seconds)))
         paced = Paced(kind, latency, rate, count, store)
         results.paced.append(_attempt(ctx, results, paced, count))

@@ -144,3 +144,32 @@ def test_targets_judge_cpu_per_command_and_postgres_against_sqlite() -> None:
     assert by_target["postgres: throughput vs FastStream @20 ms"].measured == 1.75
     doc.drains[0].consumer_cpu_ms_per_command = 1.2
     assert {t.target: t for t in targets(doc)}["CPU per command @20 ms"].ok is False
+
+
+def _paced(rate: float, p99: float) -> RunResult:
+    run = RunResult(
+        scenario="paced",
+        kind="worker",
+        name="worker paced",
+        latency_ms_pabx=20.0,
+        store="sqlite",
+        commands=10,
+        target_rate=rate,
+        outcomes=10,
+        latency_ms={"publish_to_pabx": Summary(10, 1.0, 2.0, p99, p99)},
+        complete=True,
+    )
+    return run
+
+
+def test_the_latency_target_is_judged_only_at_half_load() -> None:
+    doc = BenchResults(meta=Meta("abc", 1.0, 2, "3.11", {"commands": 10}))
+    doc.drains = [drain("worker", 900.0)]
+    doc.paced = [_paced(450.0, 8.0)]
+    (half,) = [t for t in targets(doc) if t.target.startswith("p99")]
+    assert (half.target, half.ok) == ("p99 publish→PABX at half max rate, PABX 20 ms", True)
+    doc.paced = [_paced(450.0, 12.0)]
+    assert [t.ok for t in targets(doc) if t.target.startswith("p99")] == [False]
+    doc.paced = [_paced(300.0, 8.0)]  # --paced-rate 300: a measurement, not the target's
+    (fixed,) = [t for t in targets(doc) if t.target.startswith("p99")]
+    assert fixed.ok is None and "300/s (fixed, not half load)" in fixed.target

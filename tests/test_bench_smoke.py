@@ -25,6 +25,7 @@ def test_quick_bench_gives_every_command_an_outcome(amqp_url: str, tmp_path: Pat
             "bench",
             "--quick",
             "--quiet",
+            "--probe",
             "--amqp-url",
             amqp_url,
             "--json",
@@ -48,6 +49,9 @@ def test_quick_bench_gives_every_command_an_outcome(amqp_url: str, tmp_path: Pat
         assert run["statuses"] == {"accepted": run["commands"]}
         assert run["pabx_requests"] == run["commands"]
         assert run["latency_ms"]["publish_to_pabx"]["n"] == run["commands"]
+    for run in doc["paced"]:  # --probe: the same commands also reached the bare consumer
+        assert run["latency_ms"]["publish_to_probe"]["n"] == run["commands"]
+        assert all(slow["probe_ms"] >= 0 for slow in run["slowest_publish_to_pabx"])
     worker = next(d for d in drains if d["kind"] == "worker")
     assert worker["throughput"] > 0
     assert doc["idle"]["rss_mb"]["worker"] > 0

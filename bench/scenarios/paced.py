@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
 from bench.broker import OutcomeReader
 from bench.context import Context, Scenario
 from bench.options import is_worker, label, tag
-from bench.processes import Child, quietly
+from bench.processes import PYTHON, Child, child_env, quietly
 from bench.results import RunResult
 from bench.sampling import Sampler, add_resources
 from bench.scenarios.analysis import analyse
@@ -46,6 +47,7 @@ class Paced:
             f" PABX {self.latency_ms:g} ms"
         )
         worker: Child | None = None
+        probe: _Probe | None = None
         sampler: Sampler | None = None
         stamps: dict[int, float] = {}
         with ctx.topology(scenario):
@@ -56,6 +58,8 @@ class Paced:
                     self.kind, scenario, f"{scenario.prefix}-{tag(self.kind)}-0"
                 )
                 failure = self._warm_up(ctx, scenario, reader, worker)
+                if failure is None and ctx.options.probe:
+                    probe = _Probe(ctx, scenario, worker)
                 if failure is None:
                     ctx.sim.clear()
                     sampler = ctx.sampler_for([worker])
@@ -69,13 +73,19 @@ class Paced:
                     quietly(sampler.stop, ctx.log)
                 if worker is not None:
                     worker.stop(30)
+                if probe is not None:
+                    quietly(probe.stop, ctx.log)
                 quietly(reader.stop, ctx.log)
-            analyse(result, scenario, reader, stamps, ctx.sim.requests())
+            arrived = probe.arrived if probe is not None else None
+            analyse(result, scenario, reader, stamps, ctx.sim.requests(), arrived)
             if sampler is not None and worker is not None:
                 add_resources(result, sampler, [worker])
         lat = result.latency_ms.get("publish_to_pabx")
         p50, p99 = (lat.p50, lat.p99) if lat else (None, None)
         ctx.log(f"  publish→PABX p50 {p50} ms, p99 {p99} ms")
+        probed = result.latency_ms.get("publish_to_probe")
+        if probed is not None:
+            ctx.log(f"  publish→probe p50 {probed.p50} ms, p99 {probed.p99} ms (broker alone)")
         return result
 
     def _warm_up(
@@ -99,3 +109,29 @@ class Paced:
                 time.sleep(delay)
             stamps[i] = ctx.broker.publish_command(scenario.settings, scenario.prefix, i)
         return round(self.count / (time.perf_counter() - start), 1)
+
+
+class _Probe:
+    """bench.probe on a second queue bound like the command queue, consuming before we publish."""
+
+    def __init__(self, ctx: Context, scenario: Scenario, worker: Child) -> None:
+        assert ctx.broker is not None
+        s = scenario.settings
+        self._out = ctx.tmp / f"probe-{scenario.prefix}.json"
+        queue = f"{s.command_queue}.probe"
+        self.arrived: dict[str, float] | None = None
+        self._child = ctx.spawn(
+            f"{scenario.prefix}-probe",
+            [
+                *(PYTHON, "-m", "bench.probe", "--amqp-url", ctx.options.amqp_url),
+                *("--exchange", s.commands_exchange, "--routing-key", s.routing_key),
+                *("--queue", queue, "--queue-type", ctx.options.queue_type),
+                *("--out", str(self._out)),
+            ],
+            child_env(),
+        )
+        ctx.broker.wait_consumers(queue, 1, 60, [self._child, worker])
+
+    def stop(self) -> None:
+        self._child.stop(30)
+        self.arrived = json.loads(self._out.read_text())
