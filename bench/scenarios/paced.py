@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 import time
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ class Paced:
         )
         worker: Child | None = None
         probe: _Probe | None = None
+        profiler: Child | None = None
         sampler: Sampler | None = None
         stamps: dict[int, float] = {}
         with ctx.topology(scenario):
@@ -62,6 +65,9 @@ class Paced:
                     probe = _Probe(ctx, scenario, worker)
                 if failure is None:
                     ctx.sim.clear()
+                    if is_worker(self.kind):  # with --py-spy: the paced run, warmed up
+                        name = f"{scenario.prefix}-paced-{self.latency_ms:g}ms-{self.store}"
+                        profiler = ctx.start_profiler(worker, name)
                     sampler = ctx.sampler_for([worker])
                     sampler.start()
                     result.published_rate = self._publish(ctx, scenario, stamps)
@@ -69,6 +75,8 @@ class Paced:
                     failure = reader.wait_for(scenario.prefix, self.count, timeout, [worker])
                 result.error = failure
             finally:
+                if profiler is not None:  # SIGINT: it writes its output
+                    quietly(functools.partial(profiler.stop, 60, signal.SIGINT), ctx.log)
                 if sampler is not None:
                     quietly(sampler.stop, ctx.log)
                 if worker is not None:
