@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import signal
 import sys
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=50.0, help="commands per second")
     parser.add_argument("--drain", type=float, default=120.0, help="longest wait at the end (s)")
     args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the fleet's clean-up stops the worker processes too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
     print(f"seed {seed}", flush=True)
     options = Options(
