@@ -207,6 +207,46 @@ def test_the_worker_reconnects_and_the_command_is_handled_once() -> None:
     assert running.error is None
 
 
+def test_a_worker_whose_connection_drops_while_stopping_records_its_sent_commands() -> None:
+    """Stopping, the worker waits for a command whose request is out even when its
+    connection goes: returning earlier closes the store before the outcome is recorded,
+    and whoever takes the command over sends it again."""
+    import json
+    import time
+
+    from tests.kit.events import memory_peer
+    from tests.kit.processes import RunningWorker, sim_requests, wait_until
+    from tests.kit.samples import API_KEY
+    from worker.adapters.store.base import ClaimState
+    from worker.consume.pipeline import Valid
+    from worker.contract.messages import Delivery
+    from worker.tools.simulator import SimulatorThread
+
+    with SimulatorThread(api_key=API_KEY, latency_ms=600) as sim:
+        settings = private_settings("amqp://memory.invalid:1/%2F", sim.url)
+        peer = memory_peer(settings, MemoryBroker())
+        running = RunningWorker(settings, peer.connect)
+        try:
+            command = command_for("stopping")
+            peer.publish(command)
+            assert wait_until(lambda: sim_requests(sim), 10)  # the request is out, unanswered
+            running.worker.stop()
+            peer.broker.close_connections()
+            running.thread.join(30)
+            assert not running.thread.is_alive() and running.error is None
+            assert running.worker.state.in_flight == 0
+            # The store (still open) holds the outcome: a redelivery is answered from it.
+            prepared = running.processor.prepare(Delivery(body=json.dumps(command).encode()))
+            assert isinstance(prepared, Valid)
+            claim = running.processor._store.claim(
+                "mem-stopping", prepared.fingerprint, now=time.time(), lease_s=30
+            )
+            assert claim.state is ClaimState.DONE and claim.outcome is not None
+            assert len(sim_requests(sim)) == 1
+        finally:
+            running.stop()
+
+
 def command_for(tag: str) -> dict[str, Any]:
     return {
         "command_id": f"mem-{tag}",

@@ -123,6 +123,8 @@ class Worker:
         self._processor = processor
         self._topology = Topology.from_settings(settings)
         self._stop = threading.Event()
+        #: When :meth:`stop` was first called (``time.monotonic()``).
+        self._stop_asked: float | None = None
         self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._executor = KeyedExecutor(settings.concurrency)
         tolerate_non_utf8_properties()
@@ -142,6 +144,8 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the worker to finish in-flight commands and return from :meth:`run`."""
+        if self._stop_asked is None:
+            self._stop_asked = time.monotonic()
         self._stop.set()
         self._processor.stopping.set()
 
@@ -166,7 +170,32 @@ class Worker:
                     self._stop.wait(wait)
                     wait = min(wait * 2, MAX_RECONNECT_WAIT_S)
         finally:
+            self._finish_in_flight()
             self._executor.shutdown(wait=False)
+
+    def _finish_in_flight(self) -> None:
+        """Wait, at most SHUTDOWN_TIMEOUT_S from the stop, for the commands still being
+        carried out on worker threads, as when the broker connection went away during the
+        drain. Their outcomes go nowhere (the broker redelivers those messages), but their
+        store steps must end before the store closes: a request sent without its record
+        would be sent again by the worker that takes the command over."""
+        if self.state.in_flight <= 0:
+            return
+        started = self._stop_asked if self._stop_asked is not None else time.monotonic()
+        deadline = started + self._settings.shutdown_timeout_s
+        while self.state.in_flight > 0:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning(
+                    "stopping with commands still in flight",
+                    extra={"in_flight": self.state.in_flight},
+                )
+                return
+            try:
+                self._done.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                continue
+            self.state.in_flight -= 1
 
     def _purge_loop(self) -> None:
         while True:
