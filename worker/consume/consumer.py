@@ -123,8 +123,8 @@ class Worker:
         self._processor = processor
         self._topology = Topology.from_settings(settings)
         self._stop = threading.Event()
-        #: When :meth:`stop` was first called (``time.monotonic()``).
-        self._stop_asked: float | None = None
+        #: SHUTDOWN_TIMEOUT_S after :meth:`stop` was first called (``time.monotonic()``).
+        self._stop_by: float | None = None
         self._done: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._executor = KeyedExecutor(settings.concurrency)
         tolerate_non_utf8_properties()
@@ -144,8 +144,8 @@ class Worker:
 
     def stop(self) -> None:
         """Ask the worker to finish in-flight commands and return from :meth:`run`."""
-        if self._stop_asked is None:
-            self._stop_asked = time.monotonic()
+        if self._stop_by is None:
+            self._stop_by = time.monotonic() + self._settings.shutdown_timeout_s
         self._stop.set()
         self._processor.stopping.set()
 
@@ -181,8 +181,7 @@ class Worker:
         would be sent again by the worker that takes the command over."""
         if self.state.in_flight <= 0:
             return
-        started = self._stop_asked if self._stop_asked is not None else time.monotonic()
-        deadline = started + self._settings.shutdown_timeout_s
+        deadline = self._stop_by or time.monotonic() + self._settings.shutdown_timeout_s
         while self.state.in_flight > 0:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -287,7 +286,7 @@ class _Session:
             with batched():  # a line per command, one write for all of them
                 self._carry_out_finished()
             if worker._stop.is_set() and stop_by is None:
-                stop_by = time.monotonic() + self.settings.shutdown_timeout_s
+                stop_by = worker._stop_by or time.monotonic()
                 self._cancel()
             now = time.monotonic()
             if stop_by is None and now - self.breakers_seen >= BREAKER_CHECK_S:
