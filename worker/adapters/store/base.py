@@ -62,6 +62,7 @@ __all__ = [
     "SendState",
     "Store",
     "claim_then_send",
+    "hold_until",
 ]
 
 #: How long records are kept before purge may drop them (SPEC §5: at least 24 h).
@@ -245,6 +246,12 @@ class Store(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def hold_until(now: float, hold_call_s: float) -> float:
+    """Until when ``record``/``release`` keep holding the call (``now + hold_call_s``);
+    0.0 lets go of it now."""
+    return now + hold_call_s if hold_call_s > 0 else 0.0
 
 
 def claim_then_send(

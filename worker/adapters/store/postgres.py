@@ -85,7 +85,15 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
 from worker.adapters.store import redact_url
-from worker.adapters.store.base import TAKEN, CallRef, Claim, ClaimState, Send, SendState
+from worker.adapters.store.base import (
+    TAKEN,
+    CallRef,
+    Claim,
+    ClaimState,
+    Send,
+    SendState,
+    hold_until,
+)
 from worker.contract.errors import ConfigurationError, StoreError
 from worker.logs import redact_message
 
@@ -657,7 +665,7 @@ class PostgresStore:
             "token": token,
             "now": now,
             "outcome": outcome,
-            "hold_until": _hold_until(now, hold_call_s),
+            "hold_until": hold_until(now, hold_call_s),
         }
         with self._connection() as conn:
             done = conn.execute(self._record_sql, params).fetchone()
@@ -675,7 +683,7 @@ class PostgresStore:
             "id": command_id,
             "token": token,
             "now": now,
-            "hold_until": _hold_until(now, hold_call_s),
+            "hold_until": hold_until(now, hold_call_s),
         }
         with self._connection() as conn:
             conn.execute(self._release_sql, params)
@@ -730,8 +738,3 @@ def _one_row(row: tuple[Any, ...] | None) -> tuple[Any, ...]:
     if row is None:
         raise StoreError("the store answered no row where one is always returned")
     return row
-
-
-def _hold_until(now: float, hold_call_s: float) -> float:
-    """Until when record/release keep holding the call: 0.0 lets go of it now."""
-    return now + hold_call_s if hold_call_s > 0 else 0.0

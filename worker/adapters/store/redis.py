@@ -66,7 +66,15 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
 from worker.adapters.store import redact_url
-from worker.adapters.store.base import RETENTION_S, CallRef, Claim, ClaimState, Send, SendState
+from worker.adapters.store.base import (
+    RETENTION_S,
+    CallRef,
+    Claim,
+    ClaimState,
+    Send,
+    SendState,
+    hold_until,
+)
 from worker.contract.errors import ConfigurationError, StoreError
 from worker.logs import redact_message
 
@@ -203,7 +211,7 @@ return {c[1], c[2], c[3], c[4], s[1], s[2]}
 
 # Shared by _RECORD and _RELEASE: ``rec[4]`` is the record's call_key; ARGV[3] now,
 # ARGV[4] ttl_s, ARGV[5] command_id, ARGV[6] the call hashes' prefix, ARGV[7] until when
-# to keep holding the call ('0': let go now). The call hash is named from the record, not
+# to keep holding the call (0: let go now). The call hash is named from the record, not
 # declared in KEYS (single Redis only; see the module notes).
 _LET_GO_OF_CALL = """
 if rec[4] then
@@ -307,11 +315,6 @@ _KINDS = {
 
 def _num(value: float) -> str:
     return repr(float(value))
-
-
-def _hold_until(now: float, hold_call_s: float) -> str:
-    """Until when record/release keep holding the call: '0' lets go of it now."""
-    return _num(now + hold_call_s) if hold_call_s > 0 else "0"
 
 
 class RedisStore:
@@ -490,7 +493,7 @@ class RedisStore:
             self._ttl,
             command_id,
             self._call_prefix,
-            _hold_until(now, hold_call_s),
+            _num(hold_until(now, hold_call_s)),
         )
         match bytes(reply[0]):
             case b"stored":
@@ -509,7 +512,7 @@ class RedisStore:
             self._ttl,
             command_id,
             self._call_prefix,
-            _hold_until(now, hold_call_s),
+            _num(hold_until(now, hold_call_s)),
         )
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:

@@ -423,19 +423,15 @@ class SqliteStore:
     def record(
         self, command_id: str, token: str, outcome: bytes, *, now: float, hold_call_s: float = 0.0
     ) -> bytes | None:
-        # One statement; the trigger lets go of the call in it. Keeping the call held
-        # takes it back in the same transaction.
-        with self._transaction() if hold_call_s > 0 else self._statement() as db:
-            held = hold_call_s > 0 and _holds_call(db, command_id)
-            rows = db.execute(
-                "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
-                " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
-                " RETURNING 1",
-                (outcome, now, command_id, token),
-            ).fetchall()  # drained: the statement (and its autocommit) is finished
-            if rows and held:
-                _hold_call(db, command_id, now, hold_call_s)
-        if rows:
+        if self._let_go(
+            "UPDATE pabx_commands SET state = 'done', outcome = ?, token = NULL,"
+            " updated_at = ? WHERE command_id = ? AND token = ? AND outcome IS NULL"
+            " RETURNING 1",
+            (outcome, now, command_id, token),
+            command_id,
+            now,
+            hold_call_s,
+        ):
             return outcome
         # Not stored: a new statement says why. Tokens are never reused, so what it sees
         # is this call's answer at that moment.
@@ -448,16 +444,37 @@ class SqliteStore:
         return None if row[0] is None else bytes(row[0])  # an earlier outcome wins
 
     def release(self, command_id: str, token: str, *, now: float, hold_call_s: float = 0.0) -> None:
-        # The trigger lets go of the call in the same statement (see record).
-        with self._transaction() if hold_call_s > 0 else self._statement() as db:
-            held = hold_call_s > 0 and _holds_call(db, command_id)
-            released = db.execute(
-                "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
-                " WHERE command_id = ? AND token = ? AND outcome IS NULL",
-                (now, command_id, token),
-            ).rowcount
-            if released and held:
+        self._let_go(
+            "UPDATE pabx_commands SET state = 'released', token = NULL, updated_at = ?"
+            " WHERE command_id = ? AND token = ? AND outcome IS NULL RETURNING 1",
+            (now, command_id, token),
+            command_id,
+            now,
+            hold_call_s,
+        )
+
+    def _let_go(
+        self,
+        update: str,
+        params: tuple[Any, ...],
+        command_id: str,
+        now: float,
+        hold_call_s: float,
+    ) -> bool:
+        """Run ``update``, which clears the command's token ``RETURNING 1``; whether it did.
+
+        The trigger lets go of the call in that statement. With ``hold_call_s`` > 0 the
+        command takes its call back until ``now + hold_call_s``, in the same transaction.
+        """
+        if hold_call_s <= 0:
+            with self._statement() as db:  # drained: the statement (and autocommit) is done
+                return bool(db.execute(update, params).fetchall())
+        with self._transaction() as db:
+            held = _holds_call(db, command_id)
+            changed = bool(db.execute(update, params).fetchall())
+            if changed and held:
                 _hold_call(db, command_id, now, hold_call_s)
+            return changed
 
     def reserve_slot(self, target: str, *, interval_s: float) -> float:
         with self._transaction() as db:
