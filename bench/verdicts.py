@@ -51,18 +51,10 @@ def ratios(results: BenchResults) -> list[Ratio]:
 
 def _at_half_load(results: BenchResults, paced: RunResult) -> bool:
     """Whether a paced run's rate was half of the worker's drain rate at its PABX latency."""
-    drain = next(
-        (
-            r
-            for r in results.drains
-            if r.kind == paced.kind and r.latency_ms_pabx == paced.latency_ms_pabx and r.measured
-        ),
-        None,
-    )
-    if drain is None or not drain.throughput or paced.target_rate is None:
+    rate = drain_rate(results, paced.kind, paced.latency_ms_pabx)
+    if not rate or paced.target_rate is None:
         return False
-    half = drain.throughput / 2
-    return abs(paced.target_rate - half) <= 0.05 * half
+    return abs(paced.target_rate - rate / 2) <= 0.05 * rate / 2
 
 
 def targets(results: BenchResults) -> list[Target]:
