@@ -275,6 +275,44 @@ def test_order_per_call_across_three_workers(
     print(f"\norder: {len(sent)} sent, {superseded} superseded, 0 overlapping, 0 out of order")
 
 
+@pytest.mark.timeout(120)
+def test_a_call_stays_held_after_an_unanswered_request(
+    make_rig: Callable[..., Rig], shared_store: str
+) -> None:
+    """Two workers; each call's first request hangs past the read timeout, and a newer
+    command for the call is already waiting: it goes out only a read timeout after the
+    worker gave up, never while the PABX may still be working on the first."""
+    rig = make_rig(store_url=shared_store, pabx_read_timeout_s=0.5)
+    workers = fleet(rig, 2)
+    run = uuid.uuid4().hex[:8]
+    calls = [f"held-{run}-{n}" for n in range(4)]
+    rig.faults(hang=True)
+    first = [f"{call}-first" for call in calls]
+    rig.publish(command(f"{call}-first", redirect={"ID_CHAMADA": call}) for call in calls)
+    assert wait_until(lambda: len(sim_records(rig.sim)) >= len(calls), 30)
+    newer = [f"{call}-newer" for call in calls]
+    rig.publish(command(f"{call}-newer", redirect={"ID_CHAMADA": call}) for call in calls)
+    time.sleep(0.2)
+    rig.faults(hang=False)  # the first requests hang on; the newer ones will be answered
+    assert rig.wait_outcomes(first + newer, timeout=60)
+    rig.settle(1.0)
+    stop(workers)
+    records = [r for r in sim_records(rig.sim) if r["body"]["ID_CHAMADA"] in set(calls)]
+    assert overlapping_calls(records) == []
+    for call in calls:
+        hung, answered = sorted(
+            (r for r in records if r["body"]["ID_CHAMADA"] == call), key=lambda r: r["arrived"]
+        )
+        assert (hung["status"], answered["status"]) == (None, 200)
+        # Held for the read timeout (0.5 s) after the worker gave up on the first one.
+        assert answered["arrived"] - hung["ended"] >= 0.3, call
+    events = outcomes(rig, first + newer)
+    for cid in first:
+        data = events[cid][0]["data"]
+        assert (data["status"], data["error"]["code"]) == ("failed", "pabx_outcome_unknown")
+    assert {events[cid][0]["data"]["status"] for cid in newer} == {"accepted"}
+
+
 @pytest.mark.timeout(180)
 def test_commands_arriving_out_of_issue_order_are_superseded(
     make_rig: Callable[..., Rig], redis_url: str
